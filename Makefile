@@ -1,0 +1,46 @@
+# The two commands: `make demo` and `make test`. Each builds .venv itself.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: test demo bench lint postgres clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# One stamp per extra: reinstall when the metadata changes.
+$(VENV)/.stamp-%: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[$*]'
+	touch $@
+
+# PostgreSQL server binaries: PATH, then /usr/lib/postgresql/*/bin, then
+# Debian's package when we are root; otherwise say what to install.
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "PostgreSQL server not found: installing Debian's postgresql package"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else \
+	  echo "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found."; \
+	  echo "Install them, e.g.: sudo apt-get install postgresql   (Debian/Ubuntu)"; \
+	  echo "or put their directory on PATH."; exit 1; \
+	fi
+
+test: postgres $(VENV)/.stamp-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: postgres $(VENV)/.stamp-demo
+	$(BIN)/python demo/run_demo.py
+
+bench: postgres $(VENV)/.stamp-bench
+	$(BIN)/python bench/micro.py
+
+lint: $(VENV)/.stamp-lint $(VENV)/.stamp-test
+	$(BIN)/ruff check pgpool_wsgi tests demo bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

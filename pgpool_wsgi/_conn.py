@@ -1,0 +1,164 @@
+"""What the pool does to one psycopg2 connection: test, reset, close, drop.
+
+None of these take a lock; several do network I/O, so the pool calls them
+outside its lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import sys
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions as ext
+
+
+def _original_poll() -> Any:
+    # gevent may replace select.poll after we are imported; a zero-timeout
+    # poll never blocks, so the plain one is right (and cheaper) either way.
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("select"):
+        return monkey.get_original("select", "poll")
+    return getattr(select, "poll", None)
+
+
+_poll = _original_poll()
+_READ_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
+def _readable(fd: int) -> bool:
+    if _poll is None:  # pragma: no cover - platforms without poll()
+        return bool(select.select([fd], [], [], 0)[0])
+    p = _poll()
+    p.register(fd, _READ_EVENTS)
+    return bool(p.poll(0))
+
+
+def is_alive(conn: Any) -> bool:
+    """Cheap liveness test of an idle connection: no round trip.
+
+    An idle connection has nothing to read. If its socket is readable the
+    server either sent a notification (fine) or a FATAL error and closed
+    (dead); ``conn.poll()`` reads what is there and tells them apart.
+    """
+    if conn.closed:
+        return False
+    try:
+        fd = conn.fileno()
+        if not _readable(fd):
+            return True
+        seen = len(conn.notices)
+        conn.poll()
+    except (psycopg2.Error, OSError, ValueError):
+        return False
+    if any(n.startswith("FATAL") for n in conn.notices[seen:]):
+        return False
+    return not conn.closed and not _readable(fd)
+
+
+def ping(conn: Any) -> bool:
+    """One ``SELECT 1`` round trip, outside any transaction."""
+    autocommit = conn.autocommit
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        conn.autocommit = autocommit
+    except (psycopg2.Error, OSError):
+        return False
+    return True
+
+
+class Session:
+    """The session characteristics a returned connection is restored to."""
+
+    __slots__ = ("autocommit", "isolation_level", "readonly", "deferrable")
+
+    def __init__(self, conn: Any) -> None:
+        self.autocommit = conn.autocommit
+        self.isolation_level = conn.isolation_level
+        self.readonly = conn.readonly
+        self.deferrable = conn.deferrable
+
+    def restore(self, conn: Any) -> None:
+        """Put back what the request changed (no network I/O in psycopg2 >= 2.7)."""
+        if conn.autocommit != self.autocommit:
+            conn.autocommit = self.autocommit
+        if (conn.isolation_level != self.isolation_level or conn.readonly != self.readonly
+                or conn.deferrable != self.deferrable):
+            # psycopg2 reads None as "leave as is"; "DEFAULT" means the server's default.
+            conn.set_session(isolation_level=_or_default(self.isolation_level),
+                             readonly=_or_default(self.readonly), deferrable=_or_default(self.deferrable))
+
+
+def _or_default(value: Any) -> Any:
+    return "DEFAULT" if value is None else value
+
+
+_BROKEN = (ext.TRANSACTION_STATUS_UNKNOWN, ext.TRANSACTION_STATUS_ACTIVE)
+_OPEN = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
+
+
+def reset(conn: Any, session: Session, reset_sql: str | None) -> str | None:
+    """Make a returned connection fit for the next user; network I/O.
+
+    Returns ``None`` when it is fit, else the reason it must be discarded.
+    """
+    if conn.closed:
+        return "closed"
+    status = conn.info.transaction_status
+    if status in _BROKEN:
+        return "query still running" if status == ext.TRANSACTION_STATUS_ACTIVE else "connection lost"
+    try:
+        if status in _OPEN:
+            conn.rollback()
+        if reset_sql:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(reset_sql)
+        session.restore(conn)
+    except (psycopg2.Error, OSError) as exc:
+        return f"reset failed: {type(exc).__name__}"
+    return None
+
+
+def is_broken_error(exc: BaseException) -> bool:
+    """Does this exception leave the connection unfit for reuse?
+
+    A ``BaseException`` that is not an ``Exception`` (``GreenletExit``, a
+    timeout) may have interrupted a query; a psycopg2 error without SQLSTATE
+    came from the client or the transport, not from a statement.
+    """
+    if not isinstance(exc, Exception):
+        return True
+    return isinstance(exc, psycopg2.Error) and exc.pgcode is None
+
+
+def close(conn: Any) -> None:
+    """Close a connection this process opened (sends Terminate)."""
+    with contextlib.suppress(psycopg2.Error, OSError):
+        conn.close()
+
+
+def drop_inherited(conn: Any) -> None:
+    """Release a connection opened by another process without touching its socket.
+
+    ``close()`` would send Terminate on a socket the parent still uses. We
+    point the descriptor at /dev/null first, so the Terminate (and, with
+    SSL, the close_notify) go nowhere, then let psycopg2 free it all.
+    """
+    if conn.closed:
+        return
+    try:
+        fd = conn.fileno()
+    except (psycopg2.Error, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    close(conn)

@@ -1,0 +1,331 @@
+"""The one table of options: names, defaults, checks, ini conversions, docs.
+
+Everything that accepts options goes through :func:`validate` (Python values)
+or :func:`from_strings` (ini values, then :func:`validate`). The README's
+configuration table is :func:`markdown_table`; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import _dsn as _dsn_module
+from .errors import ConfigError
+
+POOL = "pool"
+MIDDLEWARE = "middleware"
+
+
+class _Bad(Exception):
+    """A value is wrong; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    scope: str  # POOL or MIDDLEWARE
+    default: Any
+    check: Callable[[Any], Any]  # Python value -> normalised value, or raise _Bad
+    parse: Callable[[str], Any] | None  # ini string -> Python value; None: Python only
+    kind: str  # what the README calls the type
+    doc: str
+
+
+# -- checks (Python values) --------------------------------------------------
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[Any], int]:
+    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad(expected)
+        if value < low or (high is not None and value > high):
+            raise _Bad(expected)
+        return value
+
+    return check
+
+
+def _seconds(low: float = 0.0, *, above: bool = False) -> Callable[[Any], float]:
+    expected = f"a number of seconds {'>' if above else '>='} {low:g}"
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad(expected)
+        value = float(value)
+        if math.isnan(value) or math.isinf(value) or value < low or (above and value == low):
+            raise _Bad(expected)
+        return value
+
+    return check
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    expected = "one of " + ", ".join(repr(c) for c in choices)
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in choices:
+            raise _Bad(expected)
+        return value.strip().lower()
+
+    return check
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("True or False")
+    return value
+
+
+def _text_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad("a non-empty string or None")
+    return value.strip()
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,40}", value):
+        raise _Bad("1-40 letters, digits, '_', '-' or '.'")
+    return value
+
+
+def _path_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _Bad("a URL path starting with '/', or None")
+    return value
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise _Bad("a list of URL path prefixes, each starting with '/'")
+    paths = tuple(value)
+    if not all(isinstance(p, str) and p.startswith("/") for p in paths):
+        raise _Bad("a list of URL path prefixes, each starting with '/'")
+    return paths
+
+
+def _mapping_or_none(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _Bad("a dict of keyword arguments for psycopg2.connect, or None")
+    return dict(value)
+
+
+def _callable_or_none(value: Any) -> Callable[[Any], Any] | None:
+    if value is not None and not callable(value):
+        raise _Bad("a callable taking the new connection, or None")
+    return value  # type: ignore[no-any-return]
+
+
+def _dsn(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _Bad("a libpq connection string or postgresql:// URL")
+    if value:
+        _dsn_module.parse(value)  # raises ConfigError, password masked
+    return value or None
+
+
+# -- ini conversions (strings) -----------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-z]*)")
+
+
+def parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise _Bad("true/false, yes/no, on/off or 1/0")
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise _Bad("an integer") from None
+
+
+def parse_seconds(text: str) -> float:
+    """``"5"``, ``"2.5s"``, ``"250ms"``, ``"10min"``, ``"1h"``."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match or match.group(2) not in {"", *_UNITS}:
+        raise _Bad("a number of seconds, optionally with a unit: ms, s, min or h")
+    return float(match.group(1)) * _UNITS.get(match.group(2), 1.0)
+
+
+def parse_none(text: str) -> str | None:
+    text = text.strip()
+    return None if text.lower() in {"", "none"} else text
+
+
+def parse_paths(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+def parse_callable(text: str) -> Callable[[Any], Any] | None:
+    """``"package.module:function"`` -> that function."""
+    spec = text.strip()
+    if spec.lower() in {"", "none"}:
+        return None
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise _Bad("'package.module:function'")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise _Bad(f"'package.module:function' that can be imported ({exc})") from None
+    return target  # type: ignore[no-any-return]
+
+
+def _str(text: str) -> str:
+    return text.strip()
+
+
+# -- the table ------------------------------------------------------------------
+
+OPTIONS: tuple[Option, ...] = (
+    Option("dsn", POOL, None, _dsn, parse_none, "string",
+           "libpq connection string or postgresql:// URL; unset: `DATABASE_URL`, then libpq's `PG*` variables"),
+    Option("min_size", POOL, 0, _integer(0), parse_int, "int",
+           "connections each process keeps open once it has used the pool (opened in the background)"),
+    Option("max_size", POOL, 10, _integer(1), parse_int, "int",
+           "most connections one process may hold"),
+    Option("timeout", POOL, 30.0, _seconds(), parse_seconds, "seconds",
+           "how long a checkout waits for a free connection before `PoolTimeout` (the middleware answers 503)"),
+    Option("max_waiting", POOL, 0, _integer(0), parse_int, "int",
+           "refuse a checkout at once when this many are already waiting; 0 = no limit"),
+    Option("connect_timeout", POOL, 5, _integer(1), parse_int, "int seconds",
+           "libpq `connect_timeout` unless the DSN sets one (libpq waits at least 2 s)"),
+    Option("max_lifetime", POOL, 3600.0, _seconds(), parse_seconds, "seconds",
+           "replace a connection this old (minus up to 10% jitter); 0 = never"),
+    Option("max_idle", POOL, 600.0, _seconds(), parse_seconds, "seconds",
+           "close a connection idle this long; 0 = never"),
+    Option("check", POOL, "auto", _choice("auto", "ping", "none"), _str, "auto, ping, none",
+           "liveness test at checkout: `auto` polls the socket (no round trip), "
+           "`ping` also runs `SELECT 1` after `ping_after` idle seconds, `none` skips it"),
+    Option("ping_after", POOL, 10.0, _seconds(), parse_seconds, "seconds",
+           "with `check = ping`: idle time after which a checkout pings"),
+    Option("reset_sql", POOL, None, _text_or_none, parse_none, "string",
+           "SQL run (in autocommit) when a connection comes back, e.g. `DISCARD ALL`; "
+           "without it committed `SET`s survive"),
+    Option("leak_timeout", POOL, 60.0, _seconds(), parse_seconds, "seconds",
+           "warn once about a connection held longer than this; 0 = never"),
+    Option("leak_debug", POOL, False, _boolean, parse_bool, "bool",
+           "record where each connection was checked out and put it in the leak warning"),
+    Option("name", POOL, "pgpool", _name, _str, "string",
+           "the pool's name in log lines, errors and stats"),
+    Option("connect_kwargs", POOL, None, _mapping_or_none, None, "dict",
+           "extra keyword arguments for `psycopg2.connect` (Python only), e.g. `connection_factory`"),
+    Option("configure", POOL, None, _callable_or_none, parse_callable, "callable",
+           "called with each new connection once; in ini: `package.module:function`"),
+    Option("transaction", MIDDLEWARE, "manual", _choice("manual", "commit", "autocommit"), _str,
+           "manual, commit, autocommit",
+           "`manual`: roll back what the app left uncommitted; `commit`: commit when the response "
+           "succeeded (< 400) else roll back; `autocommit`: autocommit for the request"),
+    Option("checkout", MIDDLEWARE, "eager", _choice("eager", "lazy"), _str, "eager, lazy",
+           "`eager`: a connection is in `environ['pgpool.conn']` before the app runs; "
+           "`lazy`: checked out on first use of `environ['pgpool.handle'].conn`"),
+    Option("exclude_paths", MIDDLEWARE, (), _paths, parse_paths, "paths",
+           "URL path prefixes that never check out (whitespace-separated in ini)"),
+    Option("stats_path", MIDDLEWARE, None, _path_or_none, parse_none, "path",
+           "serve this worker's `pool.stats()` as JSON at this path; unset = off"),
+    Option("retry_after", MIDDLEWARE, 1, _integer(0, 3600), parse_int, "int seconds",
+           "the `Retry-After` header of the 503 answer"),
+)
+
+BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+POOL_OPTIONS = frozenset(o.name for o in OPTIONS if o.scope == POOL)
+MIDDLEWARE_OPTIONS = frozenset(o.name for o in OPTIONS if o.scope == MIDDLEWARE)
+
+
+def _shown(name: str, value: Any) -> str:
+    return "(hidden)" if name == "dsn" else repr(value)
+
+
+def _unknown(name: str, allowed: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, sorted(allowed), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{name}: unknown option{hint}")
+
+
+def validate(options: Mapping[str, Any], scopes: Iterable[str] = (POOL, MIDDLEWARE)) -> dict[str, Any]:
+    """Check Python values; return every option of ``scopes`` with defaults filled in.
+
+    Raises :class:`ConfigError` naming the key, the value and what was expected.
+    """
+    wanted = [o for o in OPTIONS if o.scope in set(scopes)]
+    allowed = {o.name for o in wanted}
+    for name in options:
+        if name not in allowed:
+            raise _unknown(name, allowed)
+    result: dict[str, Any] = {}
+    for option in wanted:
+        if option.name not in options:
+            result[option.name] = option.default
+            continue
+        value = options[option.name]
+        try:
+            result[option.name] = option.check(value)
+        except _Bad as bad:
+            raise ConfigError(f"{option.name}: got {_shown(option.name, value)}, expected {bad}") from None
+    if "min_size" in result and result["min_size"] > result["max_size"]:
+        raise ConfigError(
+            f"min_size: got {result['min_size']!r}, expected at most max_size ({result['max_size']!r})"
+        )
+    return result
+
+
+def from_strings(settings: Mapping[str, str]) -> dict[str, Any]:
+    """Convert ini strings to Python values by the table (no defaults added)."""
+    converted: dict[str, Any] = {}
+    for name, text in settings.items():
+        option = BY_NAME.get(name)
+        if option is None:
+            raise _unknown(name, BY_NAME)
+        if option.parse is None:
+            raise ConfigError(f"{name}: can only be given from Python, not in an ini file")
+        if not isinstance(text, str):
+            converted[name] = text
+            continue
+        try:
+            converted[name] = option.parse(text)
+        except _Bad as bad:
+            raise ConfigError(f"{name}: got {_shown(name, text)}, expected {bad}") from None
+    return converted
+
+
+def _default_text(option: Option) -> str:
+    value = option.default
+    if value is None or value == ():
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def markdown_table() -> str:
+    """The README's configuration table, made from :data:`OPTIONS`."""
+    rows = ["| option | applies to | type | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for o in OPTIONS:
+        rows.append(f"| `{o.name}` | {o.scope} | {o.kind} | {_default_text(o)} | {o.doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,250 @@
+"""WSGI middleware: one pooled connection per request, returned when the response is done.
+
+The flow of one request: check out (eager) -> call the app -> hand the body
+to the server -> the server calls ``close()`` -> end the transaction as the
+mode says -> give the connection back (the pool resets it) -> idle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import _conn
+from .config import MIDDLEWARE, POOL_OPTIONS, validate
+from .errors import ConfigError, PoolError
+from .pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger("pgpool_wsgi")
+
+CONN_KEY = "pgpool.conn"
+HANDLE_KEY = "pgpool.handle"
+
+_UNAVAILABLE_BODY = b"503 Service Unavailable: no database connection available, retry later\n"
+_COMMIT_FAILED_BODY = b"500 Internal Server Error: the transaction could not be committed\n"
+
+
+class RequestHandle:
+    """A request's claim on a pooled connection: ``environ["pgpool.handle"]``.
+
+    ``handle.conn`` is the connection (checked out on first use in lazy mode);
+    ``handle.release()`` ends the transaction as a successful request would
+    and hands the connection back early, e.g. before streaming a file.
+    """
+
+    __slots__ = ("_pool", "_mode", "_label", "_environ", "_conn", "status")
+
+    def __init__(self, pool: ConnectionPool, mode: str, label: str, environ: WSGIEnvironment) -> None:
+        self._pool = pool
+        self._mode = mode
+        self._label = label
+        self._environ = environ
+        self._conn: Any = None
+        self.status = 200
+
+    @property
+    def pool(self) -> ConnectionPool:
+        return self._pool
+
+    @property
+    def conn(self) -> Any:
+        """The request's connection; checked out now if it has none."""
+        if self._conn is None:
+            self._checkout()
+        return self._conn
+
+    def _checkout(self) -> Any:
+        conn = self._pool.getconn(label=self._label)
+        if self._mode == "autocommit":
+            conn.autocommit = True
+        self._conn = conn
+        return conn
+
+    def release(self) -> None:
+        """End the transaction as at a successful end of the request; give the connection back."""
+        self._environ.pop(CONN_KEY, None)
+        self.finish(None, succeeded=True)
+
+    def finish(self, exc: BaseException | None, *, succeeded: bool) -> None:
+        """Commit (commit mode, success) and return the connection; at most once."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        discard = exc is not None and _conn.is_broken_error(exc)
+        if self._mode == "commit" and succeeded and exc is None and self.status < 400 and not conn.closed:
+            try:
+                conn.commit()
+            except BaseException as err:
+                self._pool.putconn(conn, discard=_conn.is_broken_error(err))
+                raise
+        self._pool.putconn(conn, discard=discard)
+
+
+class _Body:
+    """The app's body iterable, returning the connection when the server closes it."""
+
+    __slots__ = ("_result", "_handle", "_done")
+
+    def __init__(self, result: Iterable[bytes], handle: RequestHandle) -> None:
+        self._result = result
+        self._handle = handle
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._handle._mode != "commit":
+            return iter(self._result)
+        return self._watch()
+
+    def _watch(self) -> Iterator[bytes]:
+        # Commit mode needs to know whether the body was produced in full.
+        yield from self._result
+        self._done = True
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        except BaseException as exc:
+            self._handle.finish(exc, succeeded=False)
+            raise
+        succeeded = self._done or self._handle._mode != "commit"
+        try:
+            self._handle.finish(None, succeeded=succeeded)
+        except Exception:
+            # Headers are gone already: all we can do is say so.
+            log.exception("%s: commit after the response body failed", self._handle._label)
+
+
+class PgPoolMiddleware:
+    """WSGI middleware giving each request a pooled psycopg2 connection.
+
+    :param app: the WSGI application to wrap.
+    :param pool: a :class:`ConnectionPool` to use; or give pool options
+        (``dsn``, ``max_size``, ...) and one is built.
+    :param transaction: ``manual`` (default), ``commit`` or ``autocommit``.
+    :param checkout: ``eager`` (default) or ``lazy``.
+    :param exclude_paths: path prefixes that never check out.
+    :param stats_path: serve ``pool.stats()`` as JSON at this path.
+    :param retry_after: seconds in the 503's ``Retry-After`` header.
+
+    ::
+
+        app = PgPoolMiddleware(app, dsn="postgresql://app@db/app", max_size=10)
+
+        def view(environ, start_response):
+            with environ["pgpool.conn"].cursor() as cur:
+                cur.execute("SELECT 1")
+    """
+
+    def __init__(self, app: WSGIApplication, pool: ConnectionPool | None = None, **options: Any) -> None:
+        pool_options = {k: v for k, v in options.items() if k in POOL_OPTIONS}
+        own = validate({k: v for k, v in options.items() if k not in POOL_OPTIONS}, (MIDDLEWARE,))
+        if pool is not None and pool_options:
+            raise ConfigError(f"{sorted(pool_options)[0]}: a pool option cannot be combined with pool=; "
+                              "give it to the ConnectionPool instead")
+        if pool is not None and not isinstance(pool, ConnectionPool):
+            raise ConfigError(f"pool: got {type(pool).__name__}, expected a ConnectionPool")
+        self.app = app
+        self.pool = pool if pool is not None else ConnectionPool(**pool_options)
+        self.transaction: str = own["transaction"]
+        self.checkout: str = own["checkout"]
+        self.exclude_paths: tuple[str, ...] = own["exclude_paths"]
+        self.stats_path: str | None = own["stats_path"]
+        self.retry_after: int = own["retry_after"]
+        self._eager = self.checkout == "eager"
+
+    def __repr__(self) -> str:
+        return f"<PgPoolMiddleware {self.transaction}/{self.checkout} {self.pool!r}>"
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if self.stats_path is not None and path == self.stats_path:
+            return self._serve_stats(start_response)
+        if self.exclude_paths and path.startswith(self.exclude_paths):
+            return self.app(environ, start_response)
+        handle = RequestHandle(self.pool, self.transaction, f"{environ.get('REQUEST_METHOD')} {path}", environ)
+        environ[HANDLE_KEY] = handle
+        if self._eager:
+            try:
+                environ[CONN_KEY] = handle._checkout()
+            except PoolError as exc:
+                return self._unavailable(environ, start_response, exc, None)
+        if self.transaction == "commit":
+            start_response = self._status_recorder(handle, start_response)
+        try:
+            result = self.app(environ, start_response)
+        except PoolError as exc:
+            handle.finish(exc, succeeded=False)
+            return self._unavailable(environ, start_response, exc, sys.exc_info())
+        except BaseException as exc:
+            handle.finish(exc, succeeded=False)
+            raise
+        if type(result) is list or type(result) is tuple:
+            # The body exists already: finish now, before the status line goes out.
+            return self._finish_now(result, handle, start_response)
+        return self._wrap(result, handle, environ)
+
+    @staticmethod
+    def _status_recorder(handle: RequestHandle, start_response: StartResponse) -> StartResponse:
+        def recording(status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None) -> Any:
+            handle.status = int(status[:3])
+            return start_response(status, headers, exc_info)
+
+        return recording  # type: ignore[return-value]
+
+    def _finish_now(self, result: Iterable[bytes], handle: RequestHandle,
+                    start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            handle.finish(None, succeeded=True)
+        except Exception:
+            log.exception("%s: commit failed; answering 500", handle._label)
+            start_response("500 Internal Server Error",
+                           [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(_COMMIT_FAILED_BODY)))], sys.exc_info())
+            return [_COMMIT_FAILED_BODY]
+        return result
+
+    @staticmethod
+    def _wrap(result: Iterable[bytes], handle: RequestHandle, environ: WSGIEnvironment) -> Iterable[bytes]:
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if handle._mode != "commit" and isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
+            # Keep the server's own type so it can still use sendfile().
+            inner = getattr(result, "close", None)
+
+            def close() -> None:
+                try:
+                    if inner is not None:
+                        inner()
+                finally:
+                    handle.finish(None, succeeded=True)
+
+            try:
+                result.close = close  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+            else:
+                return result
+        return _Body(result, handle)
+
+    def _unavailable(self, environ: WSGIEnvironment, start_response: StartResponse, exc: PoolError,
+                     exc_info: OptExcInfo | None) -> Iterable[bytes]:
+        log.warning("%s %s: 503, %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", ""), exc)
+        start_response("503 Service Unavailable",
+                       [("Content-Type", "text/plain; charset=utf-8"),
+                        ("Content-Length", str(len(_UNAVAILABLE_BODY))),
+                        ("Retry-After", str(self.retry_after))], exc_info)
+        return [_UNAVAILABLE_BODY]
+
+    def _serve_stats(self, start_response: StartResponse) -> Iterable[bytes]:
+        body = json.dumps(self.pool.stats(), sort_keys=True).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                  ("Cache-Control", "no-store")])
+        return [body]
