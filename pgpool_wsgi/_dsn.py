@@ -46,7 +46,7 @@ def _scrub_text(text: str, secrets: list[str]) -> str:
 def parse(dsn: str) -> dict[str, str]:
     """The connection string's parameters; :class:`ConfigError` (password masked) if unparsable."""
     try:
-        return psycopg2.extensions.parse_dsn(dsn)  # type: ignore[no-any-return]
+        return psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.Error as exc:
         reason = _scrub_text(str(exc).strip(), _secret_words(dsn))
         raise ConfigError(

@@ -59,10 +59,10 @@ def _seconds(low: float = 0.0, *, above: bool = False) -> Callable[[Any], float]
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Bad(expected)
-        value = float(value)
-        if math.isnan(value) or math.isinf(value) or value < low or (above and value == low):
+        number = float(value)
+        if math.isnan(number) or math.isinf(number) or number < low or (above and number == low):
             raise _Bad(expected)
-        return value
+        return number
 
     return check
 
@@ -293,8 +293,11 @@ def validate(options: Mapping[str, Any], scopes: Iterable[str] = (POOL, MIDDLEWA
     return result
 
 
-def from_strings(settings: Mapping[str, str]) -> dict[str, Any]:
-    """Convert ini strings to Python values by the table (no defaults added)."""
+def from_strings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert ini strings to Python values by the table (no defaults added).
+
+    Values that are not strings (a dict put in by Python code) pass through.
+    """
     converted: dict[str, Any] = {}
     for name, text in settings.items():
         option = BY_NAME.get(name)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _conn
-from .config import MIDDLEWARE, POOL_OPTIONS, validate
+from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
 from .pool import ConnectionPool
 
@@ -145,8 +145,8 @@ class PgPoolMiddleware:
     """
 
     def __init__(self, app: WSGIApplication, pool: ConnectionPool | None = None, **options: Any) -> None:
+        own = validate(options)  # every name and value, before anything is built
         pool_options = {k: v for k, v in options.items() if k in POOL_OPTIONS}
-        own = validate({k: v for k, v in options.items() if k not in POOL_OPTIONS}, (MIDDLEWARE,))
         if pool is not None and pool_options:
             raise ConfigError(f"{sorted(pool_options)[0]}: a pool option cannot be combined with pool=; "
                               "give it to the ConnectionPool instead")
@@ -198,7 +198,7 @@ class PgPoolMiddleware:
             handle.status = int(status[:3])
             return start_response(status, headers, exc_info)
 
-        return recording  # type: ignore[return-value]
+        return recording
 
     def _finish_now(self, result: Iterable[bytes], handle: RequestHandle,
                     start_response: StartResponse) -> Iterable[bytes]:
@@ -217,7 +217,7 @@ class PgPoolMiddleware:
         file_wrapper = environ.get("wsgi.file_wrapper")
         if handle._mode != "commit" and isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
             # Keep the server's own type so it can still use sendfile().
-            inner = getattr(result, "close", None)
+            inner: Callable[[], object] | None = getattr(result, "close", None)
 
             def close() -> None:
                 try:

@@ -264,23 +264,27 @@ class ConnectionPool:
             state.probing = bool(state.backoff)
         try:
             conn = self._target.connect(state.pid)
-            if self._configure is not None:
-                self._configure(conn)
-                if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                    conn.commit()
-        except Exception as exc:
+        except psycopg2.Error as exc:
             with state.lock:
                 state.connect_errors += 1
                 state.backoff = min(max(state.backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
                 state.retry_at = _now() + state.backoff
-                state.probing = False
             reason = self._target.scrub(str(exc).strip())
             log.warning("%s: connect to %s failed: %s", self.name, self._target.describe(), reason)
             raise PoolError(f"{self.name}: cannot connect to {self._target.describe()}: {reason}") from None
+        finally:
+            state.probing = False
         with state.lock:
             state.connects += 1
             state.backoff = 0.0
-            state.probing = False
+        if self._configure is not None:
+            try:
+                self._configure(conn)
+                if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                    conn.commit()
+            except BaseException:
+                _conn.close(conn)
+                raise
         lifetime = self._max_lifetime * (1 - random.random() * _LIFETIME_JITTER) if self._max_lifetime else 1e18
         return _Slot(conn, _conn.Session(conn), now + lifetime, now)
 

@@ -8,9 +8,9 @@ directories are handed to that user.
 
 Roles made by :meth:`PgServer.start`:
 
-* ``postgres`` – superuser, trusted on the socket and on 127.0.0.1;
-* ``app`` – a plain login role, trusted the same way;
-* ``pwuser`` – must authenticate with a password (scram) over TCP.
+* ``postgres`` - superuser, trusted on the socket and on 127.0.0.1;
+* ``app`` - a plain login role, trusted the same way;
+* ``pwuser`` - must authenticate with a password (scram) over TCP.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def test_checkout_gives_a_live_connection_and_stats_have_the_spec_keys(make_pool
         cur.execute("SELECT 41 + 1")
         assert cur.fetchone() == (42,)
     stats = pool.stats()
-    assert STATS_KEYS <= stats.keys()
+    assert stats.keys() >= STATS_KEYS
     assert (stats["size"], stats["in_use"], stats["idle"]) == (1, 1, 0)
     pool.putconn(conn)
     stats = pool.stats()

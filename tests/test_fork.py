@@ -1,0 +1,67 @@
+"""Fork safety (SPEC F1-F4), each case in a fresh process running tests/forkprobe.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PROBE = Path(__file__).with_name("forkprobe.py")
+
+
+def run_probe(dsn: str, **args: Any) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, str(PROBE), json.dumps({"dsn": dsn, **args})],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" not in report["child"], report["child"]
+    return report
+
+
+@pytest.mark.parametrize("ssl", [False, True], ids=["plain", "ssl"])
+@pytest.mark.parametrize("exit_mode", ["normal", "sys_exit", "os_exit"])
+@pytest.mark.parametrize("fork", ["os", "ctypes"], ids=["os.fork", "C-fork-no-hooks"])
+def test_child_gets_own_connections_and_parent_keeps_working(pg, fork, exit_mode, ssl):
+    dsn = pg.dsn(sslmode="require") if ssl else pg.dsn()
+    report = run_probe(dsn, fork=fork, exit=exit_mode)
+    child, parent = report["child"], report["parent"]
+
+    # F1: the child's checkout is a backend the child opened.
+    assert child["own_backend"] is True
+    assert child["backend_pid"] not in parent["parent_pids"]
+    assert child["echo"] == "child-token"
+    assert child["stats"]["fork_resets"] == 1
+    assert child["stats"]["connects"] == 1 and child["stats"]["discarded"] == 0
+    # F2: the inherited sockets are released, not kept open in the child.
+    assert child["inherited_fds_after_checkout"] == 0
+    if fork == "os":
+        # The at-fork hooks ran: the parent closed its idle connection and the
+        # child released the other three before it did anything.
+        assert child["inherited_fds_before_checkout"] == 0
+    else:
+        assert child["inherited_fds_before_checkout"] == 4
+    # F3: a connection checked out before the fork, returned in the child.
+    assert child["carried_error"] is None
+
+    # F2: nothing was sent on the parent's sockets.
+    assert parent["child_exit_status"] == 0
+    assert parent["held_pids_after"] == parent["held_pids_before"]
+    assert parent["carried_works"] is True
+    assert parent["parent_backends_alive_server_side"] == (3 if fork == "os" else 4)
+    # Every connection the parent kept still works after the child is gone.
+    kept = set(parent["parent_pids"]) - ({parent["idle_pid"]} if fork == "os" else set())
+    assert kept <= set(parent["reused_pids"])
+    assert parent["parent_stats"]["connects"] == (5 if fork == "os" else 4)
+    assert parent["parent_stats"]["discarded"] == 0
+    assert parent["parent_stats"]["fork_resets"] == 0
+
+
+@pytest.mark.parametrize("fork", ["os", "ctypes"], ids=["os.fork", "C-fork-no-hooks"])
+def test_fork_while_another_thread_holds_the_pool_lock(pg, fork):
+    report = run_probe(pg.dsn(), fork=fork, exit="os_exit", lock_held=True)
+    assert report["child"]["own_backend"] is True
+    assert report["parent"]["child_exit_status"] == 0

@@ -1,0 +1,67 @@
+"""PasteDeploy: every composition form, served through webtest against the real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import webtest
+from paste.deploy import loadapp
+
+from pgpool_wsgi import ConfigError, PgPoolMiddleware
+from pgpool_wsgi.paste import filter_factory
+
+HERE = Path(__file__).parent / "sample_configs"
+
+
+def load(name: str, dsn: str) -> PgPoolMiddleware:
+    return loadapp(f"config:{name}", relative_to=str(HERE), global_conf={"test_dsn": dsn})
+
+
+def find_middleware(app: object) -> PgPoolMiddleware:
+    assert isinstance(app, PgPoolMiddleware), f"expected the middleware outermost, got {app!r}"
+    return app
+
+
+@pytest.mark.parametrize(
+    ("ini", "max_size", "name"),
+    [
+        pytest.param("pipeline.ini", 3, "pgpool", id="pipeline-egg#pgpool"),
+        pytest.param("main_entry_point.ini", 4, "via-main", id="egg-main-entry-point"),
+        pytest.param("filter_app.ini", 5, "pgpool", id="filter-app"),
+        pytest.param("filter_with.ini", 6, "pgpool", id="filter-with"),
+        pytest.param("defaults_prefix.ini", 7, "from-defaults", id="DEFAULT-pgpool-prefix-local-wins"),
+    ],
+)
+def test_each_composition_form_serves_requests(dsn, ini, max_size, name):
+    middleware = find_middleware(load(ini, dsn))
+    try:
+        client = webtest.TestApp(middleware)
+        body = client.get("/page?token-123").json
+        assert body == {"echo": "token-123", "backend": body["backend"], "max_size": max_size, "name": name}
+        assert middleware.pool.stats()["in_use"] == 0 and middleware.pool.stats()["checkouts"] == 1
+    finally:
+        middleware.pool.close()
+
+
+def test_ini_values_are_converted(dsn):
+    middleware = find_middleware(load("pipeline.ini", dsn))
+    assert middleware.pool.timeout == 2.5 and middleware.transaction == "commit"
+    middleware.pool.close()
+    with_paths = find_middleware(load("filter_with.ini", dsn))
+    assert with_paths.exclude_paths == ("/static/", "/health")
+    with_paths.pool.close()
+
+
+def test_bad_ini_value_fails_at_load_time(dsn):
+    with pytest.raises(ConfigError, match=r"leak_debug: got 'ture', expected true/false"):
+        load("bad_value.ini", dsn)
+
+
+def test_factory_opens_nothing(pg):
+    before = pg.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgpool_wsgi%'")
+    make_filter = filter_factory({"pgpool.max_size": "2"}, dsn=pg.dsn())
+    middleware = make_filter(lambda environ, start_response: [])
+    after = pg.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgpool_wsgi%'")
+    assert before == after and middleware.pool.max_size == 2
+    middleware.pool.close()
