@@ -29,34 +29,48 @@ _poll = _original_poll()
 _READ_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
-def _readable(fd: int) -> bool:
+class _Select:
+    """poll()'s interface over select(), for platforms without poll()."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def poll(self, timeout: int) -> list[int]:
+        return [self._fd] if select.select([self._fd], [], [], timeout)[0] else []
+
+
+def poller(conn: Any) -> Any:
+    """An object whose ``poll(0)`` is non-empty once the idle connection has input.
+
+    An idle connection has nothing to read: input means the server either
+    sent a notification (fine) or a FATAL error and closed (dead). Made once
+    per connection, so the test at checkout is one system call.
+    """
+    fd = conn.fileno()
     if _poll is None:  # pragma: no cover - platforms without poll()
-        return bool(select.select([fd], [], [], 0)[0])
+        return _Select(fd)
     p = _poll()
     p.register(fd, _READ_EVENTS)
-    return bool(p.poll(0))
+    return p
 
 
-def is_alive(conn: Any) -> bool:
-    """Cheap liveness test of an idle connection: no round trip.
+def examine(conn: Any, readable: Any) -> bool:
+    """Is an idle connection whose socket is readable still alive? No round trip.
 
-    An idle connection has nothing to read. If its socket is readable the
-    server either sent a notification (fine) or a FATAL error and closed
-    (dead); ``conn.poll()`` reads what is there and tells them apart.
+    ``conn.poll()`` reads what is there: a NOTIFY is kept in
+    ``conn.notifies``; a FATAL notice, an error, or input that stays there
+    (end of file) means the server closed the session.
     """
     if conn.closed:
         return False
     try:
-        fd = conn.fileno()
-        if not _readable(fd):
-            return True
         seen = len(conn.notices)
         conn.poll()
     except (psycopg2.Error, OSError, ValueError):
         return False
     if any(n.startswith("FATAL") for n in conn.notices[seen:]):
         return False
-    return not conn.closed and not _readable(fd)
+    return not conn.closed and not readable.poll(0)
 
 
 def ping(conn: Any) -> bool:

@@ -18,12 +18,18 @@ COUNTERS = ("checkouts", "timeouts", "connects", "connect_errors", "discarded", 
 class Slot:
     """One open connection and what the pool knows about it."""
 
-    __slots__ = ("conn", "session", "expires", "last_used", "out_since", "label", "stack", "leak_reported")
+    __slots__ = ("conn", "session", "poller", "expires", "good_until", "last_used", "out_since", "label",
+                 "stack", "leak_reported")
 
-    def __init__(self, conn: Any, session: Any, expires: float, now: float) -> None:
+    def __init__(self, conn: Any, session: Any, poller: Any, expires: float, good_until: float,
+                 now: float) -> None:
         self.conn = conn
         self.session = session
-        self.expires = expires
+        self.poller = poller  # None with check = none
+        self.expires = expires  # max_lifetime, jittered
+        # The earliest of expires, max_idle and (check = ping) ping_after
+        # from the last use: one comparison at checkout covers all three.
+        self.good_until = good_until
         self.last_used = now
         self.out_since: float | None = None
         self.label: object = None
@@ -66,7 +72,7 @@ class State:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.lock = threading.Lock()
-        self.slots: dict[int, Slot] = {}  # id(conn) -> slot
+        self.slots: dict[Any, Slot] = {}  # conn -> slot (connections hash by identity)
         self.idle: list[Slot] = []  # a stack: the most recently used on top
         self.waiters: collections.deque[Waiter] = collections.deque()
         self.reserved = 0  # slots plus connects under way; never above max_size
@@ -74,9 +80,13 @@ class State:
         self.backoff = 0.0  # seconds to wait after the last failed connect
         self.retry_at = 0.0  # no new connect before this (time.monotonic)
         self.filling = False
-        self.next_leak_scan = 0.0
+        self.next_leak_scan = 0.0  # checkouts call _upkeep.on_checkout from then on
+        self.leak_scan_due = 0.0
+        self.next_upkeep = 0.0  # max_idle sweep, min_size top-up
         self.dropped: int | None = None  # inherited connections released (in a child)
-        self.is_uwsgi_master = _in_uwsgi_master()
+        # False once the pool is closed, and in a uWSGI master (which must
+        # not keep connections): returned connections are then closed.
+        self.accepting = not _in_uwsgi_master()
         self.started = time.monotonic()
         for name in COUNTERS:
             setattr(self, name, 0)
@@ -102,6 +112,7 @@ class Unused(State):
         self.slots = {}
         self.idle = []
         self.dropped = 0
+        self.accepting = False
 
 
 def _in_uwsgi_master() -> bool:

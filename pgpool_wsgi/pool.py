@@ -3,27 +3,27 @@
 The pool knows nothing of WSGI. Each process that uses it gets its own
 :class:`~pgpool_wsgi._state.State`; a connection is only ever used by the
 process that opened it, and a child drops what it inherited without sending
-a byte on those sockets.
+a byte on those sockets. Checkout and return have a short fast path (pid
+check, one lock round, a few attribute reads); everything else, including all
+network I/O, happens outside the lock on slower paths.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
-import threading
 import time
-import traceback
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
 
-from . import _conn, _fork
+from . import _conn, _fork, _upkeep
 from ._dsn import Target
-from ._state import CLOSED, CONNECT, State, Unused, Waiter
-from ._state import Slot as _Slot
+from ._state import CLOSED, CONNECT, Slot, State, Unused, Waiter
 from .config import POOL, validate
 from .errors import PoolClosed, PoolError, PoolTimeout
 
@@ -32,6 +32,7 @@ log = logging.getLogger("pgpool_wsgi")
 _BACKOFF_FIRST = 0.1  # seconds after the first failed connect
 _BACKOFF_MAX = 1.0  # recovery within about a second of the server coming back
 _LIFETIME_JITTER = 0.1
+_NEVER = math.inf
 
 _getpid = os.getpid
 _now = time.monotonic
@@ -66,14 +67,16 @@ class ConnectionPool:
         self.min_size: int = opts["min_size"]
         self.max_size: int = opts["max_size"]
         self.timeout: float = opts["timeout"]
-        self._max_waiting: int = opts["max_waiting"]
-        self._max_lifetime: float = opts["max_lifetime"]
-        self._max_idle: float = opts["max_idle"]
-        self._check: str = opts["check"]
-        self._ping_after: float = opts["ping_after"]
-        self._reset_sql: str | None = opts["reset_sql"]
-        self._leak_timeout: float = opts["leak_timeout"]
-        self._leak_debug: bool = opts["leak_debug"]
+        self.max_waiting: int = opts["max_waiting"]
+        self.max_lifetime: float = opts["max_lifetime"] or _NEVER
+        self.max_idle: float = opts["max_idle"] or _NEVER
+        self.check: str = opts["check"]
+        self.ping_after: float = opts["ping_after"]
+        self.reset_sql: str | None = opts["reset_sql"]
+        self.leak_timeout: float = opts["leak_timeout"] or _NEVER
+        self.leak_debug: bool = opts["leak_debug"]
+        # How long a connection may sit idle before the fast checkout test fails.
+        self._idle_limit = min(self.max_idle, self.ping_after if self.check == "ping" else _NEVER)
         self._configure = opts["configure"]
         self._target = Target(opts["dsn"], opts["connect_kwargs"], opts["connect_timeout"])
         self._closed = False
@@ -81,6 +84,8 @@ class ConnectionPool:
         self._states: dict[int, State] = {}
         self._inherited: dict[int, Any] = {}  # id -> connection checked out when we forked
         _fork.register(self)
+        log.info("%s: ready for %s (max_size=%d); connections open on first use",
+                 self.name, self._target.describe(), self.max_size)
 
     def __repr__(self) -> str:
         return (f"<ConnectionPool {self.name!r} {self._target.describe()} "
@@ -89,6 +94,11 @@ class ConnectionPool:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def target(self) -> Target:
+        """Where this pool connects (printable; the password is masked)."""
+        return self._target
 
     # -- processes ------------------------------------------------------------
 
@@ -99,6 +109,7 @@ class ConnectionPool:
         if state is not None:
             return state
         fresh = State(pid)
+        fresh.accepting = fresh.accepting and not self._closed
         # setdefault is atomic: threads racing here all get the same state.
         state = self._states.setdefault(pid, fresh)
         if state is not fresh:
@@ -111,18 +122,16 @@ class ConnectionPool:
             state.fork_resets += 1
             log.info("%s: fork detected (pid %d -> %d): dropped %d inherited connection(s)",
                      self.name, old.pid, pid, dropped)
-        if self.min_size:
-            self._fill_later(state)
         return state
 
     def _forget(self, old: State) -> int:
         """Release the sockets of another process's connections; no I/O on them."""
         if old.dropped is None:
             old.dropped = len(old.slots)
-            for slot in list(old.slots.values()):
-                _conn.drop_inherited(slot.conn)
+            for conn in list(old.slots):
+                _conn.drop_inherited(conn)
             # Connections checked out at fork time may still come back here.
-            self._inherited = {id(s.conn): s.conn for s in old.slots.values() if s.out_since is not None}
+            self._inherited = {id(c): c for c, s in old.slots.items() if s.out_since is not None}
             old.idle = []
         return old.dropped
 
@@ -141,14 +150,20 @@ class ConnectionPool:
         if state.pid != _getpid() or not state.lock.acquire(blocking=False):
             return
         try:
-            idle, state.idle = state.idle, []
-            for slot in idle:
-                state.slots.pop(id(slot.conn), None)
-            state.reserved -= len(idle)
+            idle = self._take_idle(state, len(state.idle))
         finally:
             state.lock.release()
         for slot in idle:
             _conn.close(slot.conn)
+
+    @staticmethod
+    def _take_idle(state: State, count: int) -> list[Slot]:
+        # Under the lock: remove the ``count`` least recently used idle slots.
+        taken, state.idle = state.idle[:count], state.idle[count:]
+        for slot in taken:
+            del state.slots[slot.conn]
+        state.reserved -= len(taken)
+        return taken
 
     # -- checkout -------------------------------------------------------------
 
@@ -161,49 +176,67 @@ class ConnectionPool:
         state = self._state
         if state.pid != _getpid():
             state = self._process_state()
-        slot = self._acquire(state, self.timeout if timeout is None else timeout)
-        now = _now()
+        lock = state.lock
+        lock.acquire()
+        if state.idle and state.accepting:
+            slot = state.idle.pop()
+            state.checkouts += 1
+            lock.release()
+            now = _now()
+            poller = slot.poller
+            if now >= slot.good_until or (poller is not None and poller.poll(0)):
+                slot = self._renew(state, slot, now)
+        else:
+            lock.release()
+            slot = self._acquire(state, self.timeout if timeout is None else timeout)
+            now = _now()
         slot.out_since = now
         slot.label = label
-        if self._leak_debug:
-            slot.stack = "".join(traceback.format_stack(limit=12)[:-1])
-        if self._leak_timeout and now >= state.next_leak_scan:
-            self._scan_leaks(state, now)
+        if now >= state.next_leak_scan:  # always, with leak_debug
+            _upkeep.on_checkout(self, state, slot, now)
         return slot.conn
 
-    def _acquire(self, state: State, timeout: float) -> _Slot:
-        slot: _Slot | None = None
+    def _renew(self, state: State, slot: Slot, now: float) -> Slot:
+        """An idle connection failed the fast test: keep it, or replace it (I/O, no lock)."""
+        routine = False
+        if now >= slot.expires or now - slot.last_used >= self.max_idle:
+            reason = "max_lifetime or max_idle reached"
+            routine = True
+        elif slot.poller is not None and not _conn.examine(slot.conn, slot.poller):
+            reason = "closed by the server while idle"
+        elif self.check == "ping" and now - slot.last_used > self.ping_after and not _conn.ping(slot.conn):
+            reason = "no answer to a ping"
+        else:
+            return slot
+        self._discard(state, slot, reason, keep_place=True, routine=routine)
+        return self._connect(state)
+
+    def _acquire(self, state: State, timeout: float) -> Slot:
+        """The slow path: no idle connection (or the pool is closed)."""
         waiter: Waiter | None = None
         shed = False
-        # Under the lock only pick or reserve; every I/O comes after.
+        # Under the lock only reserve a place or queue up; I/O comes after.
         # A checkout is counted when it is given a connection or a place.
         with state.lock:
             if self._closed:
                 raise PoolClosed(f"{self.name}: the pool is closed")
-            if state.idle:
-                slot = state.idle.pop()
-                state.checkouts += 1
-            elif state.reserved < self.max_size:
+            if state.reserved < self.max_size:
                 state.reserved += 1
                 state.checkouts += 1
-            elif self._max_waiting and len(state.waiters) >= self._max_waiting:
+            elif self.max_waiting and len(state.waiters) >= self.max_waiting:
                 state.timeouts += 1
                 shed = True
             else:
                 waiter = Waiter()
                 state.waiters.append(waiter)
         if shed:
-            raise PoolTimeout(f"{self.name}: {self._max_waiting} checkouts already waiting "
-                              f"(max_waiting={self._max_waiting}, max_size={self.max_size})")
-        if slot is not None:
-            if self._usable(slot):
-                return slot
-            self._discard(state, slot, "dead or expired at checkout", keep_place=True)
-        elif waiter is not None:
+            raise PoolTimeout(f"{self.name}: {self.max_waiting} checkouts already waiting "
+                              f"(max_waiting={self.max_waiting}, max_size={self.max_size})")
+        if waiter is not None:
             got = self._wait(state, waiter, timeout)
             if got is CLOSED:
                 raise PoolClosed(f"{self.name}: the pool was closed while waiting")
-            if isinstance(got, _Slot):
+            if isinstance(got, Slot):
                 return got  # just returned by another thread: fresh, no check needed
         return self._connect(state)
 
@@ -224,22 +257,8 @@ class ConnectionPool:
         raise PoolTimeout(f"{self.name}: no connection free after waiting {timeout:g} s "
                           f"(max_size={self.max_size}, in use={in_use})")
 
-    def _usable(self, slot: _Slot) -> bool:
-        now = _now()
-        if now >= slot.expires:
-            return False
-        if self._max_idle and now - slot.last_used > self._max_idle:
-            return False
-        if self._check == "none":
-            return True
-        if not _conn.is_alive(slot.conn):
-            return False
-        if self._check == "ping" and now - slot.last_used > self._ping_after:
-            return _conn.ping(slot.conn)
-        return True
-
-    def _connect(self, state: State) -> _Slot:
-        """Open a connection in a place already reserved; give it back on failure."""
+    def _connect(self, state: State) -> Slot:
+        """Open a connection in a place already reserved; give the place back on failure."""
         try:
             slot = self._open(state)
         except BaseException:
@@ -248,12 +267,11 @@ class ConnectionPool:
                 state.checkouts -= 1
                 self._hand_place(state)
             raise
-        slot.out_since = _now()
         with state.lock:
-            state.slots[id(slot.conn)] = slot
+            state.slots[slot.conn] = slot
         return slot
 
-    def _open(self, state: State) -> _Slot:
+    def _open(self, state: State) -> Slot:
         now = _now()
         with state.lock:
             # After a failed connect, one caller probes; the rest fail fast.
@@ -280,13 +298,15 @@ class ConnectionPool:
         if self._configure is not None:
             try:
                 self._configure(conn)
-                if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                if conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                     conn.commit()
             except BaseException:
                 _conn.close(conn)
                 raise
-        lifetime = self._max_lifetime * (1 - random.random() * _LIFETIME_JITTER) if self._max_lifetime else 1e18
-        return _Slot(conn, _conn.Session(conn), now + lifetime, now)
+        now = _now()
+        expires = now + self.max_lifetime * (1 - random.random() * _LIFETIME_JITTER)
+        poller = None if self.check == "none" else _conn.poller(conn)
+        return Slot(conn, _conn.Session(conn), poller, expires, min(expires, now + self._idle_limit), now)
 
     # -- return ---------------------------------------------------------------
 
@@ -297,58 +317,99 @@ class ConnectionPool:
         left it broken). A connection this process inherited through
         ``fork()`` is dropped quietly.
         """
+        # The fast path: nothing to reset, nothing to report, the lock free.
+        # It touches no socket and never waits, so it is harmless even in a
+        # child forked without at-fork hooks; every other path compares the
+        # pid first (_give_back), and so does the next checkout.
+        state = self._state
+        slot = state.slots.get(conn)
+        if slot is not None and not discard and state.accepting and self.reset_sql is None:
+            out_since = slot.out_since
+            session = slot.session
+            if (out_since is not None and not conn.get_transaction_status()
+                    and conn.autocommit is session.autocommit and conn.isolation_level == session.isolation_level
+                    and conn.readonly == session.readonly and conn.deferrable == session.deferrable):
+                now = _now()
+                if now < slot.expires and now - out_since <= self.leak_timeout and state.lock.acquire(False):
+                    self._make_idle(state, slot, now)
+                    state.lock.release()
+                    if now >= state.next_upkeep:
+                        _upkeep.run(self, state, now)
+                    return
+        self._give_back(conn, discard)
+
+    def _give_back(self, conn: Any, discard: bool) -> None:
         state = self._state
         if state.pid != _getpid():
             state = self._process_state()
-        slot = state.slots.get(id(conn))
-        if slot is None or slot.conn is not conn:
-            if self._inherited.pop(id(conn), None) is conn:
-                _conn.drop_inherited(conn)
-                return
-            raise PoolError(f"{self.name}: putconn() of a connection this pool did not hand out")
-        out_since = slot.out_since
-        if out_since is None:
-            raise PoolError(f"{self.name}: putconn() of a connection that is not checked out")
-        slot.out_since = None
-        now = _now()
-        if self._leak_timeout and not slot.leak_reported and now - out_since > self._leak_timeout:
-            self._report_leak(state, slot, now - out_since, returned=True)
-        if discard:
-            reason: str | None = "discarded by its user"
-        elif self._closed or state.is_uwsgi_master:
-            reason = ""
-        else:
-            reason = _conn.reset(conn, slot.session, self._reset_sql)
-            if reason is None and now >= slot.expires:
-                reason = "max_lifetime reached"
-        if reason is None:
-            slot.last_used = now
-            slot.label = slot.stack = None
-            slot.leak_reported = False
-            with state.lock:
-                if state.waiters:
-                    slot.out_since = now
-                    state.checkouts += 1
-                    state.waiters.popleft().give(slot)
-                else:
-                    state.idle.append(slot)
+        slot = state.slots.get(conn)
+        if slot is None or slot.out_since is None:
+            self._return_unknown(conn, slot)
             return
-        self._discard(state, slot, reason)
-
-    def _discard(self, state: State, slot: _Slot, reason: str, *, keep_place: bool = False) -> None:
-        """Forget and close a connection; its place goes to a waiter (or stays ours)."""
+        now = _now()
+        if now - slot.out_since > self.leak_timeout and not slot.leak_reported:
+            _upkeep.report_leak(self, state, slot, now - slot.out_since, returned=True)
+        reason = self._reset_reason(state, slot, discard, now)
+        if reason is not None:
+            self._discard(state, slot, reason, routine=reason.startswith("max_lifetime"))
+            return
         with state.lock:
-            state.slots.pop(id(slot.conn), None)
+            self._make_idle(state, slot, now)
+        if now >= state.next_upkeep:
+            _upkeep.run(self, state, now)
+
+    def _make_idle(self, state: State, slot: Slot, now: float) -> None:
+        # Under the lock: the slot is reset; hand it to the first waiter or keep it.
+        slot.last_used = now
+        good_until = now + self._idle_limit
+        slot.good_until = good_until if good_until < slot.expires else slot.expires
+        slot.leak_reported = False
+        if state.waiters:
+            slot.out_since = now
+            state.checkouts += 1
+            state.waiters.popleft().give(slot)
+        else:
+            slot.out_since = None
+            state.idle.append(slot)
+
+    def _reset_reason(self, state: State, slot: Slot, discard: bool, now: float) -> str | None:
+        """Reset a returned connection (network I/O); why it must go, or None."""
+        if discard:
+            return "discarded by its user"
+        if not state.accepting:
+            return ""  # closed pool or uWSGI master: close quietly
+        if now >= slot.expires:
+            return "max_lifetime reached"
+        return _conn.reset(slot.conn, slot.session, self.reset_sql)
+
+    def _return_unknown(self, conn: Any, slot: Slot | None) -> None:
+        if slot is not None:
+            raise PoolError(f"{self.name}: putconn() of a connection that is not checked out")
+        if self._inherited.pop(id(conn), None) is conn:
+            _conn.drop_inherited(conn)
+            return
+        raise PoolError(f"{self.name}: putconn() of a connection this pool did not hand out")
+
+    def _discard(self, state: State, slot: Slot, reason: str, *, keep_place: bool = False,
+                 routine: bool = False) -> None:
+        """Forget and close a connection; its place goes to a waiter (or stays ours).
+
+        ``reason`` "" closes quietly (closed pool, uWSGI master); a routine
+        reason (age) is logged at INFO, anything else at WARNING.
+        """
+        with state.lock:
+            state.slots.pop(slot.conn, None)
             if reason:
                 state.discarded += 1
             if not keep_place:
                 state.reserved -= 1
                 self._hand_place(state)
+            if state.reserved < self.min_size:
+                state.next_upkeep = 0.0  # the next return tops up
         if reason:
-            log.warning("%s: discarded a connection (%s)", self.name, reason)
+            log.log(logging.INFO if routine else logging.WARNING, "%s: %s a connection (%s)",
+                    self.name, "replaced" if routine else "discarded", reason)
         _conn.close(slot.conn)
-        if self.min_size and not keep_place:
-            self._fill_later(state)
 
     def _hand_place(self, state: State) -> None:
         # Called under the lock after a place was freed.
@@ -373,60 +434,6 @@ class ConnectionPool:
             raise
         self.putconn(conn)
 
-    # -- upkeep ---------------------------------------------------------------
-
-    def _fill_later(self, state: State) -> None:
-        with state.lock:
-            if state.filling or len(state.slots) >= self.min_size or self._closed:
-                return
-            state.filling = True
-        threading.Thread(target=self._fill, args=(state,), name=f"{self.name}-fill", daemon=True).start()
-
-    def _fill(self, state: State) -> None:
-        """Open connections up to ``min_size`` in the background, one at a time."""
-        try:
-            while True:
-                with state.lock:
-                    if (self._closed or state.pid != _getpid() or state.reserved >= self.min_size
-                            or state.backoff):
-                        return
-                    state.reserved += 1
-                try:
-                    slot = self._open(state)
-                except PoolError:
-                    with state.lock:
-                        state.reserved -= 1
-                        self._hand_place(state)
-                    return
-                with state.lock:
-                    state.slots[id(slot.conn)] = slot
-                    if state.waiters:
-                        slot.out_since = _now()
-                        state.checkouts += 1
-                        state.waiters.popleft().give(slot)
-                    else:
-                        state.idle.insert(0, slot)
-        finally:
-            state.filling = False
-
-    def _scan_leaks(self, state: State, now: float) -> None:
-        state.next_leak_scan = now + min(1.0, self._leak_timeout / 2)
-        with state.lock:
-            late = [s for s in state.slots.values()
-                    if s.out_since is not None and not s.leak_reported
-                    and now - s.out_since > self._leak_timeout]
-        for slot in late:
-            if slot.out_since is not None:
-                self._report_leak(state, slot, now - slot.out_since, returned=False)
-
-    def _report_leak(self, state: State, slot: _Slot, held: float, *, returned: bool) -> None:
-        slot.leak_reported = True
-        state.leaks += 1
-        where = f"; checked out at:\n{slot.stack}" if slot.stack else ""
-        log.warning("%s: connection held for %.1f s by %s (leak_timeout=%g s)%s%s",
-                    self.name, held, slot.label or "an unnamed caller", self._leak_timeout,
-                    "" if returned else ", still not returned", where)
-
     # -- introspection and shutdown -------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -449,10 +456,8 @@ class ConnectionPool:
             self._forget(state)
             return
         with state.lock:
-            idle, state.idle = state.idle, []
-            for slot in idle:
-                state.slots.pop(id(slot.conn), None)
-            state.reserved -= len(idle)
+            state.accepting = False
+            idle = self._take_idle(state, len(state.idle))
             while state.waiters:
                 state.waiters.popleft().give(CLOSED)
         for slot in idle:

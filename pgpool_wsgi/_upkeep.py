@@ -1,0 +1,111 @@
+"""Pool upkeep done on the side of checkouts and returns: min_size, max_idle, leaks.
+
+No background threads: they would die in forked children, need gevent care,
+and could be inside a connect when a master forks. Instead the caller that
+returns a connection does the (rare) work, after its own connection is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import traceback
+from typing import TYPE_CHECKING
+
+from . import _conn
+from ._state import Slot, State
+
+if TYPE_CHECKING:
+    from .pool import ConnectionPool
+
+log = logging.getLogger("pgpool_wsgi")
+
+_SWEEP_EVERY = 1.0  # seconds between looks for connections idle beyond max_idle
+
+
+def run(pool: ConnectionPool, state: State, now: float) -> None:
+    """Called after a return when ``state.next_upkeep`` has come."""
+    if state.pid != os.getpid():
+        return  # a stale state in a child forked without hooks: never touch its sockets
+    state.next_upkeep = now + min(_SWEEP_EVERY, pool.max_idle / 2)
+    if pool.max_idle < math.inf:
+        sweep_idle(pool, state, now)
+    if state.reserved < pool.min_size:
+        top_up(pool, state)
+
+
+def top_up(pool: ConnectionPool, state: State) -> None:
+    """Open connections until ``min_size`` are open in this process, one caller at a time."""
+    with state.lock:
+        if state.filling or not state.accepting:
+            return
+        state.filling = True
+    try:
+        while True:
+            with state.lock:
+                if state.reserved >= pool.min_size or not state.accepting or state.backoff:
+                    return
+                state.reserved += 1
+            try:
+                slot = pool._open(state)
+            except Exception:  # noqa: BLE001 - logged by _open; the next return retries
+                with state.lock:
+                    state.reserved -= 1
+                    pool._hand_place(state)
+                return
+            with state.lock:
+                state.slots[slot.conn] = slot
+                if state.waiters:
+                    slot.out_since = slot.last_used
+                    state.checkouts += 1
+                    state.waiters.popleft().give(slot)
+                else:
+                    state.idle.insert(0, slot)
+    finally:
+        state.filling = False
+
+
+def sweep_idle(pool: ConnectionPool, state: State, now: float) -> None:
+    """Close connections idle longer than ``max_idle``, keeping ``min_size`` open."""
+    with state.lock:
+        stale = 0
+        for slot in state.idle:  # least recently used first
+            if now - slot.last_used < pool.max_idle or len(state.slots) - stale <= pool.min_size:
+                break
+            stale += 1
+        taken = pool._take_idle(state, stale)
+        state.discarded += len(taken)
+    for slot in taken:
+        log.info("%s: closed a connection idle for %.0f s (max_idle)", pool.name, now - slot.last_used)
+        _conn.close(slot.conn)
+
+
+def on_checkout(pool: ConnectionPool, state: State, slot: Slot, now: float) -> None:
+    """Called after a checkout when ``state.next_leak_scan`` has come (always, with leak_debug)."""
+    if pool.leak_debug:
+        slot.stack = "".join(traceback.format_stack(limit=14)[:-2])
+    if now >= state.leak_scan_due:
+        scan_leaks(pool, state, now)
+
+
+def scan_leaks(pool: ConnectionPool, state: State, now: float) -> None:
+    """Warn once about each connection held longer than ``leak_timeout``."""
+    state.leak_scan_due = now + min(1.0, pool.leak_timeout / 2)  # inf: never again
+    state.next_leak_scan = -math.inf if pool.leak_debug else state.leak_scan_due
+    with state.lock:
+        late = [s for s in state.slots.values()
+                if s.out_since is not None and not s.leak_reported and now - s.out_since > pool.leak_timeout]
+    for slot in late:
+        out_since = slot.out_since
+        if out_since is not None:
+            report_leak(pool, state, slot, now - out_since, returned=False)
+
+
+def report_leak(pool: ConnectionPool, state: State, slot: Slot, held: float, *, returned: bool) -> None:
+    slot.leak_reported = True
+    state.leaks += 1
+    where = f"; checked out at:\n{slot.stack}" if slot.stack else ""
+    log.warning("%s: connection held for %.1f s by %s (leak_timeout=%g s)%s%s",
+                pool.name, held, slot.label or "an unnamed caller", pool.leak_timeout,
+                " and returned" if returned else ", not returned yet", where)
