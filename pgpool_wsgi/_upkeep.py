@@ -66,6 +66,27 @@ def top_up(pool: ConnectionPool, state: State) -> None:
         state.filling = False
 
 
+def drop_dead_idle(pool: ConnectionPool, state: State) -> None:
+    """Test every idle connection (no round trip) and discard the dead ones."""
+    with state.lock:
+        idle = list(state.idle)
+    dead = [s for s in idle if s.poller is not None and s.poller.poll(0) and not _conn.examine(s.conn, s.poller)]
+    if not dead:
+        return
+    with state.lock:
+        gone = [s for s in dead if s in state.idle]
+        for slot in gone:
+            state.idle.remove(slot)
+            del state.slots[slot.conn]
+        state.reserved -= len(gone)
+        state.discarded += len(gone)
+        pool._hand_places(state)
+    if gone:
+        log.warning("%s: discarded %d more idle connection(s) closed by the server", pool.name, len(gone))
+    for slot in gone:
+        _conn.close(slot.conn)
+
+
 def sweep_idle(pool: ConnectionPool, state: State, now: float) -> None:
     """Close connections idle longer than ``max_idle``, keeping ``min_size`` open."""
     with state.lock:
@@ -76,6 +97,7 @@ def sweep_idle(pool: ConnectionPool, state: State, now: float) -> None:
             stale += 1
         taken = pool._take_idle(state, stale)
         state.discarded += len(taken)
+        pool._hand_places(state)
     for slot in taken:
         log.info("%s: closed a connection idle for %.0f s (max_idle)", pool.name, now - slot.last_used)
         _conn.close(slot.conn)

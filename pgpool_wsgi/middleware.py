@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +124,36 @@ class _Body:
             log.exception("%s: commit after the response body failed", self._handle._label)
 
 
+class _Throttle:
+    """At most ``burst`` log lines per ``window`` seconds; counts the rest.
+
+    An outage turns every request into a 503: one line each would bury the
+    log. Unlocked: under threads a count may be off by one, nothing worse.
+    """
+
+    __slots__ = ("_burst", "_window", "_window_end", "_used", "_skipped")
+
+    def __init__(self, burst: int = 5, window: float = 10.0) -> None:
+        self._burst = burst
+        self._window = window
+        self._window_end = 0.0
+        self._used = 0
+        self._skipped = 0
+
+    def allow(self) -> tuple[bool, int]:
+        """(log this one?, how many were skipped since the last logged one)."""
+        now = time.monotonic()
+        if now >= self._window_end:
+            self._window_end = now + self._window
+            self._used = 0
+        if self._used >= self._burst:
+            self._skipped += 1
+            return False, 0
+        self._used += 1
+        skipped, self._skipped = self._skipped, 0
+        return True, skipped
+
+
 class PgPoolMiddleware:
     """WSGI middleware giving each request a pooled psycopg2 connection.
 
@@ -160,6 +191,7 @@ class PgPoolMiddleware:
         self.stats_path: str | None = own["stats_path"]
         self.retry_after: int = own["retry_after"]
         self._eager = self.checkout == "eager"
+        self._throttle = _Throttle()
 
     def __repr__(self) -> str:
         return f"<PgPoolMiddleware {self.transaction}/{self.checkout} {self.pool!r}>"
@@ -236,7 +268,10 @@ class PgPoolMiddleware:
 
     def _unavailable(self, environ: WSGIEnvironment, start_response: StartResponse, exc: PoolError,
                      exc_info: OptExcInfo | None) -> Iterable[bytes]:
-        log.warning("%s %s: 503, %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", ""), exc)
+        allowed, skipped = self._throttle.allow()
+        if allowed:
+            more = f" ({skipped} more 503s not logged)" if skipped else ""
+            log.warning("%s %s: 503, %s%s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", ""), exc, more)
         start_response("503 Service Unavailable",
                        [("Content-Type", "text/plain; charset=utf-8"),
                         ("Content-Length", str(len(_UNAVAILABLE_BODY))),

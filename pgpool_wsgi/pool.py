@@ -204,6 +204,7 @@ class ConnectionPool:
             routine = True
         elif slot.poller is not None and not _conn.examine(slot.conn, slot.poller):
             reason = "closed by the server while idle"
+            _upkeep.drop_dead_idle(self, state)  # a restart or a purge closes them all
         elif self.check == "ping" and now - slot.last_used > self.ping_after and not _conn.ping(slot.conn):
             reason = "no answer to a ping"
         else:
@@ -417,6 +418,11 @@ class ConnectionPool:
             state.reserved += 1
             state.checkouts += 1
             state.waiters.popleft().give(CONNECT)
+
+    def _hand_places(self, state: State) -> None:
+        # Called under the lock after several places were freed.
+        while state.waiters and state.reserved < self.max_size:
+            self._hand_place(state)
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Any]:

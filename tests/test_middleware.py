@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import json
 import threading
 import time
@@ -492,6 +493,16 @@ def test_base_exception_discards_the_connection(mw):
     with pytest.raises(Interrupt):
         serve(middleware)
     assert middleware.pool.stats()["discarded"] == 1 and middleware.pool.stats()["size"] == 0
+
+
+def test_nothing_logged_per_request_at_info(mw, caplog):
+    middleware = mw(list_body)
+    caplog.set_level(logging.INFO, logger="pgpool_wsgi")
+    client = webtest.TestApp(middleware)
+    for _ in range(20):
+        client.get("/")
+    assert caplog.records == []
+    assert middleware.pool.stats()["checkouts"] == 20
 
 
 # -- C2 / C3: exhaustion --------------------------------------------------------------------
