@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench lint postgres clean
+.PHONY: test demo bench lint postgres pgbouncer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,19 @@ postgres:
 	  echo "or put their directory on PATH."; exit 1; \
 	fi
 
-test: postgres $(VENV)/.stamp-test
+# PgBouncer for tests/test_scaleout.py: PATH or /usr/sbin, else Debian's package when root.
+pgbouncer:
+	@if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "pgbouncer not found: installing Debian's pgbouncer package"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; \
+	else \
+	  echo "pgbouncer not found (tests/test_scaleout.py needs it)."; \
+	  echo "Install it, e.g.: sudo apt-get install pgbouncer   (Debian/Ubuntu)"; exit 1; \
+	fi
+
+test: postgres pgbouncer $(VENV)/.stamp-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: postgres $(VENV)/.stamp-demo

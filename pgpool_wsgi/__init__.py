@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._request import RequestHandle
 from .errors import ConfigError, PoolClosed, PoolError, PoolTimeout
-from .middleware import PgPoolMiddleware, RequestHandle
+from .middleware import PgPoolMiddleware
 from .pool import ConnectionPool
 
 try:

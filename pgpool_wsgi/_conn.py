@@ -98,7 +98,12 @@ class Session:
         self.deferrable = conn.deferrable
 
     def restore(self, conn: Any) -> None:
-        """Put back what the request changed (no network I/O in psycopg2 >= 2.7)."""
+        """Put back what the request changed.
+
+        Usually no I/O (psycopg2 >= 2.7 applies these with the next BEGIN),
+        but leaving autocommit after ``set_session()`` sends ``SET
+        default_transaction_* TO DEFAULT``: callers hold no lock here.
+        """
         if conn.autocommit != self.autocommit:
             conn.autocommit = self.autocommit
         if (conn.isolation_level != self.isolation_level or conn.readonly != self.readonly

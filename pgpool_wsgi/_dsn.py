@@ -21,8 +21,8 @@ MASK = "***"
 # libpq knows the GSSAPI encryption option from version 12 on.
 _HAS_GSSENCMODE = psycopg2.extensions.libpq_version() >= 120000
 
-# Text after "password=" (quoted or bare), and the password part of a URL.
-_KV_SECRET = re.compile(r"password\s*=\s*('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE)
+# Text after "password=" (quoted, or up to the next "key="), and a URL's password.
+_KV_SECRET = re.compile(r"password\s*=\s*('(?:[^'\\]|\\.)*'?|.*?)(?=\s+\w+\s*=|\s*$)", re.IGNORECASE | re.S)
 _URL_SECRET = re.compile(r"://[^:/@\s]*:([^@\s]*)@")
 
 

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from ._deploy import in_uwsgi_master
+
 COUNTERS = ("checkouts", "timeouts", "connects", "connect_errors", "discarded", "fork_resets", "leaks")
 
 
@@ -80,13 +82,14 @@ class State:
         self.backoff = 0.0  # seconds to wait after the last failed connect
         self.retry_at = 0.0  # no new connect before this (time.monotonic)
         self.filling = False
+        self.capacity_checked = False
         self.next_leak_scan = 0.0  # checkouts call _upkeep.on_checkout from then on
         self.leak_scan_due = 0.0
         self.next_upkeep = 0.0  # max_idle sweep, min_size top-up
         self.dropped: int | None = None  # inherited connections released (in a child)
         # False once the pool is closed, and in a uWSGI master (which must
         # not keep connections): returned connections are then closed.
-        self.accepting = not _in_uwsgi_master()
+        self.accepting = not in_uwsgi_master()
         self.started = time.monotonic()
         for name in COUNTERS:
             setattr(self, name, 0)
@@ -113,17 +116,3 @@ class Unused(State):
         self.idle = []
         self.dropped = 0
         self.accepting = False
-
-
-def _in_uwsgi_master() -> bool:
-    # uWSGI forks in C without Python's at-fork hooks; its module tells us
-    # when we are in the master, which must not keep connections.
-    import sys
-
-    uwsgi = sys.modules.get("uwsgi")
-    if uwsgi is None:
-        return False
-    try:
-        return bool(uwsgi.masterpid()) and uwsgi.worker_id() == 0
-    except Exception:  # noqa: BLE001 - a stub module or a uWSGI without workers
-        return False

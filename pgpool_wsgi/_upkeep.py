@@ -11,9 +11,11 @@ import logging
 import math
 import os
 import traceback
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from . import _conn
+import psycopg2
+
+from . import _conn, _deploy
 from ._state import Slot, State
 
 if TYPE_CHECKING:
@@ -64,6 +66,39 @@ def top_up(pool: ConnectionPool, state: State) -> None:
                     state.idle.insert(0, slot)
     finally:
         state.filling = False
+
+
+_CAPACITY_SQL = (
+    "SELECT current_setting('max_connections')::int"
+    " - current_setting('superuser_reserved_connections')::int"
+    " - COALESCE(current_setting('reserved_connections', true)::int, 0)"
+)
+
+
+def check_capacity(pool: ConnectionPool, conn: Any) -> None:
+    """After a process's first connect: can the server take all our processes' connections?
+
+    Warns once (from the master or first worker) when processes x max_size
+    exceeds what the server accepts. One round trip, once per process.
+    """
+    deployment = _deploy.worker_processes()
+    server, processes = deployment if deployment else ("this process", 1)
+    wanted = processes * pool.max_size
+    try:
+        autocommit = conn.autocommit
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(_CAPACITY_SQL)
+            available = int(cur.fetchone()[0])
+        conn.autocommit = autocommit
+    except psycopg2.Error as exc:
+        log.debug("%s: could not read max_connections: %s", pool.name, exc)
+        return
+    if wanted > available and _deploy.is_first_process():
+        who = f"{processes} {server} workers x max_size {pool.max_size}" if deployment else f"max_size {pool.max_size}"
+        log.warning("%s: this deployment may open %d connections (%s) but the server accepts %d "
+                    "(max_connections minus reserved); lower max_size or the worker count, or put "
+                    "PgBouncer in front (then set check_capacity = false)", pool.name, wanted, who, available)
 
 
 def drop_dead_idle(pool: ConnectionPool, state: State) -> None:

@@ -129,6 +129,25 @@ def _callable_or_none(value: Any) -> Callable[[Any], Any] | None:
     return value  # type: ignore[no-any-return]
 
 
+_POOL_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
+_RESERVED_NAMES = {"conn", "handle"}
+
+
+def _pools(value: Any) -> dict[str, Any] | None:
+    expected = ("a dict of {name: ConnectionPool or dict of pool options}, names of lowercase "
+                "letters, digits and '_' (not 'conn' or 'handle')")
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _Bad(expected)
+    for name, spec in value.items():
+        if not isinstance(name, str) or not _POOL_NAME.fullmatch(name) or name in _RESERVED_NAMES:
+            raise _Bad(expected)
+        if not isinstance(spec, Mapping) and not hasattr(spec, "getconn"):
+            raise _Bad(expected)
+    return dict(value)
+
+
 def _dsn(value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise _Bad("a libpq connection string or postgresql:// URL")
@@ -230,6 +249,9 @@ OPTIONS: tuple[Option, ...] = (
            "warn once about a connection held longer than this; 0 = never"),
     Option("leak_debug", POOL, False, _boolean, parse_bool, "bool",
            "record where each connection was checked out and put it in the leak warning"),
+    Option("check_capacity", POOL, True, _boolean, parse_bool, "bool",
+           "warn once at startup when workers x `max_size` exceeds the server's `max_connections` "
+           "(minus reserved); turn off behind PgBouncer"),
     Option("name", POOL, "pgpool", _name, _str, "string",
            "the pool's name in log lines, errors and stats"),
     Option("connect_kwargs", POOL, None, _mapping_or_none, None, "dict",
@@ -249,6 +271,9 @@ OPTIONS: tuple[Option, ...] = (
            "serve this worker's `pool.stats()` as JSON at this path; unset = off"),
     Option("retry_after", MIDDLEWARE, 1, _integer(0, 3600), parse_int, "int seconds",
            "the `Retry-After` header of the 503 answer"),
+    Option("pools", MIDDLEWARE, None, _pools, None, "dict",
+           "more pools by name, e.g. a read replica: `{name: ConnectionPool or dict of pool options}`; "
+           "in ini `<name>.<option>` keys; each request gets a lazy handle at `environ['pgpool.<name>']`"),
 )
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -332,3 +357,7 @@ def markdown_table() -> str:
     for o in OPTIONS:
         rows.append(f"| `{o.name}` | {o.scope} | {o.kind} | {_default_text(o)} | {o.doc} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m pgpool_wsgi.config > the README's table
+    print(markdown_table())

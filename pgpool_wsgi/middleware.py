@@ -1,9 +1,4 @@
-"""WSGI middleware: one pooled connection per request, returned when the response is done.
-
-The flow of one request: check out (eager) -> call the app -> hand the body
-to the server -> the server calls ``close()`` -> end the transaction as the
-mode says -> give the connection back (the pool resets it) -> idle.
-"""
+"""WSGI middleware: a pooled connection per request, returned when the response is done."""
 
 from __future__ import annotations
 
@@ -11,10 +6,10 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import _conn
+from ._request import CONN_KEY, HANDLE_KEY, Body, Finisher, HandleGroup, RequestHandle
 from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
 from .pool import ConnectionPool
@@ -23,105 +18,12 @@ if TYPE_CHECKING:
     from _typeshed import OptExcInfo
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-log = logging.getLogger("pgpool_wsgi")
+__all__ = ["CONN_KEY", "HANDLE_KEY", "PgPoolMiddleware", "RequestHandle"]
 
-CONN_KEY = "pgpool.conn"
-HANDLE_KEY = "pgpool.handle"
+log = logging.getLogger("pgpool_wsgi")
 
 _UNAVAILABLE_BODY = b"503 Service Unavailable: no database connection available, retry later\n"
 _COMMIT_FAILED_BODY = b"500 Internal Server Error: the transaction could not be committed\n"
-
-
-class RequestHandle:
-    """A request's claim on a pooled connection: ``environ["pgpool.handle"]``.
-
-    ``handle.conn`` is the connection (checked out on first use in lazy mode);
-    ``handle.release()`` ends the transaction as a successful request would
-    and hands the connection back early, e.g. before streaming a file.
-    """
-
-    __slots__ = ("_pool", "_mode", "_label", "_environ", "_conn", "status")
-
-    def __init__(self, pool: ConnectionPool, mode: str, label: str, environ: WSGIEnvironment) -> None:
-        self._pool = pool
-        self._mode = mode
-        self._label = label
-        self._environ = environ
-        self._conn: Any = None
-        self.status = 200
-
-    @property
-    def pool(self) -> ConnectionPool:
-        return self._pool
-
-    @property
-    def conn(self) -> Any:
-        """The request's connection; checked out now if it has none."""
-        if self._conn is None:
-            self._checkout()
-        return self._conn
-
-    def _checkout(self) -> Any:
-        conn = self._pool.getconn(label=self._label)
-        if self._mode == "autocommit":
-            conn.autocommit = True
-        self._conn = conn
-        return conn
-
-    def release(self) -> None:
-        """End the transaction as at a successful end of the request; give the connection back."""
-        self._environ.pop(CONN_KEY, None)
-        self.finish(None, succeeded=True)
-
-    def finish(self, exc: BaseException | None, *, succeeded: bool) -> None:
-        """Commit (commit mode, success) and return the connection; at most once."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        discard = exc is not None and _conn.is_broken_error(exc)
-        if self._mode == "commit" and succeeded and exc is None and self.status < 400 and not conn.closed:
-            try:
-                conn.commit()
-            except BaseException as err:
-                self._pool.putconn(conn, discard=_conn.is_broken_error(err))
-                raise
-        self._pool.putconn(conn, discard=discard)
-
-
-class _Body:
-    """The app's body iterable, returning the connection when the server closes it."""
-
-    __slots__ = ("_result", "_handle", "_done")
-
-    def __init__(self, result: Iterable[bytes], handle: RequestHandle) -> None:
-        self._result = result
-        self._handle = handle
-        self._done = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        if self._handle._mode != "commit":
-            return iter(self._result)
-        return self._watch()
-
-    def _watch(self) -> Iterator[bytes]:
-        # Commit mode needs to know whether the body was produced in full.
-        yield from self._result
-        self._done = True
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._result, "close", None)
-            if close is not None:
-                close()
-        except BaseException as exc:
-            self._handle.finish(exc, succeeded=False)
-            raise
-        succeeded = self._done or self._handle._mode != "commit"
-        try:
-            self._handle.finish(None, succeeded=succeeded)
-        except Exception:
-            # Headers are gone already: all we can do is say so.
-            log.exception("%s: commit after the response body failed", self._handle._label)
 
 
 class _Throttle:
@@ -131,7 +33,7 @@ class _Throttle:
     log. Unlocked: under threads a count may be off by one, nothing worse.
     """
 
-    __slots__ = ("_burst", "_window", "_window_end", "_used", "_skipped")
+    __slots__ = ("_burst", "_skipped", "_used", "_window", "_window_end")
 
     def __init__(self, burst: int = 5, window: float = 10.0) -> None:
         self._burst = burst
@@ -154,6 +56,19 @@ class _Throttle:
         return True, skipped
 
 
+def _named_pools(spec: Mapping[str, Any] | None) -> dict[str, ConnectionPool]:
+    pools: dict[str, ConnectionPool] = {}
+    for name, value in (spec or {}).items():
+        if isinstance(value, ConnectionPool):
+            pools[name] = value
+            continue
+        try:
+            pools[name] = ConnectionPool(**{"name": name, **value})
+        except ConfigError as exc:
+            raise ConfigError(f"{name}.{exc}") from None
+    return pools
+
+
 class PgPoolMiddleware:
     """WSGI middleware giving each request a pooled psycopg2 connection.
 
@@ -165,6 +80,9 @@ class PgPoolMiddleware:
     :param exclude_paths: path prefixes that never check out.
     :param stats_path: serve ``pool.stats()`` as JSON at this path.
     :param retry_after: seconds in the 503's ``Retry-After`` header.
+    :param pools: more pools by name (``{"replica": {"dsn": ...}}`` or
+        ``{"replica": ConnectionPool(...)}``); each request gets a lazy handle
+        for each at ``environ["pgpool.<name>"]``.
 
     ::
 
@@ -183,14 +101,17 @@ class PgPoolMiddleware:
                               "give it to the ConnectionPool instead")
         if pool is not None and not isinstance(pool, ConnectionPool):
             raise ConfigError(f"pool: got {type(pool).__name__}, expected a ConnectionPool")
+        named = _named_pools(own["pools"])
         self.app = app
         self.pool = pool if pool is not None else ConnectionPool(**pool_options)
+        self.pools: dict[str, ConnectionPool] = named
         self.transaction: str = own["transaction"]
         self.checkout: str = own["checkout"]
         self.exclude_paths: tuple[str, ...] = own["exclude_paths"]
         self.stats_path: str | None = own["stats_path"]
         self.retry_after: int = own["retry_after"]
         self._eager = self.checkout == "eager"
+        self._named_keys = [(f"pgpool.{name}", p) for name, p in named.items()]
         self._throttle = _Throttle()
 
     def __repr__(self) -> str:
@@ -202,37 +123,49 @@ class PgPoolMiddleware:
             return self._serve_stats(start_response)
         if self.exclude_paths and path.startswith(self.exclude_paths):
             return self.app(environ, start_response)
-        handle = RequestHandle(self.pool, self.transaction, f"{environ.get('REQUEST_METHOD')} {path}", environ)
+        label = f"{environ.get('REQUEST_METHOD')} {path}"
+        handle = RequestHandle(self.pool, self.transaction, label, environ)
         environ[HANDLE_KEY] = handle
+        finisher: Finisher = handle
+        if self._named_keys:
+            finisher = self._add_named(environ, handle, label)
         if self._eager:
             try:
                 environ[CONN_KEY] = handle._checkout()
             except PoolError as exc:
                 return self._unavailable(environ, start_response, exc, None)
         if self.transaction == "commit":
-            start_response = self._status_recorder(handle, start_response)
+            start_response = self._status_recorder(finisher, start_response)
         try:
             result = self.app(environ, start_response)
         except PoolError as exc:
-            handle.finish(exc, succeeded=False)
+            finisher.finish(exc, succeeded=False)
             return self._unavailable(environ, start_response, exc, sys.exc_info())
         except BaseException as exc:
-            handle.finish(exc, succeeded=False)
+            finisher.finish(exc, succeeded=False)
             raise
         if type(result) is list or type(result) is tuple:
             # The body exists already: finish now, before the status line goes out.
-            return self._finish_now(result, handle, start_response)
-        return self._wrap(result, handle, environ)
+            return self._finish_now(result, finisher, start_response)
+        return self._wrap(result, finisher, environ)
+
+    def _add_named(self, environ: WSGIEnvironment, handle: RequestHandle, label: str) -> HandleGroup:
+        handles = [handle]
+        for key, pool in self._named_keys:
+            named = RequestHandle(pool, self.transaction, label, environ, conn_key=None)
+            environ[key] = named
+            handles.append(named)
+        return HandleGroup(handles, self.transaction, label)
 
     @staticmethod
-    def _status_recorder(handle: RequestHandle, start_response: StartResponse) -> StartResponse:
+    def _status_recorder(handle: Finisher, start_response: StartResponse) -> StartResponse:
         def recording(status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None) -> Any:
             handle.status = int(status[:3])
             return start_response(status, headers, exc_info)
 
         return recording
 
-    def _finish_now(self, result: Iterable[bytes], handle: RequestHandle,
+    def _finish_now(self, result: Iterable[bytes], handle: Finisher,
                     start_response: StartResponse) -> Iterable[bytes]:
         try:
             handle.finish(None, succeeded=True)
@@ -245,7 +178,7 @@ class PgPoolMiddleware:
         return result
 
     @staticmethod
-    def _wrap(result: Iterable[bytes], handle: RequestHandle, environ: WSGIEnvironment) -> Iterable[bytes]:
+    def _wrap(result: Iterable[bytes], handle: Finisher, environ: WSGIEnvironment) -> Iterable[bytes]:
         file_wrapper = environ.get("wsgi.file_wrapper")
         if handle._mode != "commit" and isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
             # Keep the server's own type so it can still use sendfile().
@@ -264,7 +197,7 @@ class PgPoolMiddleware:
                 pass
             else:
                 return result
-        return _Body(result, handle)
+        return Body(result, handle)
 
     def _unavailable(self, environ: WSGIEnvironment, start_response: StartResponse, exc: PoolError,
                      exc_info: OptExcInfo | None) -> Iterable[bytes]:
@@ -279,7 +212,16 @@ class PgPoolMiddleware:
         return [_UNAVAILABLE_BODY]
 
     def _serve_stats(self, start_response: StartResponse) -> Iterable[bytes]:
-        body = json.dumps(self.pool.stats(), sort_keys=True).encode()
+        stats = self.pool.stats()
+        if self.pools:
+            stats["pools"] = {name: pool.stats() for name, pool in self.pools.items()}
+        body = json.dumps(stats, sort_keys=True).encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                                   ("Cache-Control", "no-store")])
         return [body]
+
+    def close(self) -> None:
+        """Close this middleware's pools (idle connections now, busy ones when returned)."""
+        self.pool.close()
+        for pool in self.pools.values():
+            pool.close()

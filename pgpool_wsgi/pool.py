@@ -78,6 +78,7 @@ class ConnectionPool:
         # How long a connection may sit idle before the fast checkout test fails.
         self._idle_limit = min(self.max_idle, self.ping_after if self.check == "ping" else _NEVER)
         self._configure = opts["configure"]
+        self._check_capacity: bool = opts["check_capacity"]
         self._target = Target(opts["dsn"], opts["connect_kwargs"], opts["connect_timeout"])
         self._closed = False
         self._state: State = Unused()
@@ -280,7 +281,7 @@ class ConnectionPool:
                 wait = max(state.retry_at - now, 0.0)
                 raise PoolError(f"{self.name}: cannot reach {self._target.describe()} "
                                 f"(last connect failed; next attempt in {wait:.1f} s)")
-            state.probing = bool(state.backoff)
+            probe = state.probing = bool(state.backoff)
         try:
             conn = self._target.connect(state.pid)
         except psycopg2.Error as exc:
@@ -292,10 +293,15 @@ class ConnectionPool:
             log.warning("%s: connect to %s failed: %s", self.name, self._target.describe(), reason)
             raise PoolError(f"{self.name}: cannot connect to {self._target.describe()}: {reason}") from None
         finally:
-            state.probing = False
+            if probe:  # a connect begun before the backoff must not end someone else's probe
+                state.probing = False
         with state.lock:
             state.connects += 1
             state.backoff = 0.0
+            first = not state.capacity_checked
+            state.capacity_checked = True
+        if first and self._check_capacity:
+            _upkeep.check_capacity(self, conn)
         if self._configure is not None:
             try:
                 self._configure(conn)

@@ -18,3 +18,17 @@ def app_factory(global_conf: dict[str, Any], **local_conf: Any) -> Any:
         return [body]
 
     return app
+
+
+def replica_factory(global_conf: dict[str, Any], **local_conf: Any) -> Any:
+    """Reads through the ``replica`` pool: ``environ["pgpool.replica"]``."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        with environ["pgpool.replica"].conn.cursor() as cur:
+            cur.execute("SELECT current_user")
+            user = cur.fetchone()[0]
+        body = json.dumps({"replica_user": user}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app

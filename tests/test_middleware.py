@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import logging
 import json
+import logging
 import threading
 import time
 import wsgiref.util
@@ -586,3 +586,59 @@ def test_pool_option_with_pool_argument_is_a_config_error(make_pool):
         PgPoolMiddleware(list_body, pool=pool, transaction="comit")
     with pytest.raises(ConfigError, match="checkuot: unknown option; did you mean 'checkout'"):
         PgPoolMiddleware(list_body, pool=pool, checkuot="lazy")
+
+
+# -- named pools -------------------------------------------------------------------------
+
+
+def test_named_pool_is_a_lazy_handle_returned_with_the_request(pg, mw, make_pool):
+    replica_pool = make_pool(dsn=pg.dsn(user="app"), name="replica", max_size=2)
+    seen: list[str] = []
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/read":
+            seen.append(query(environ["pgpool.replica"].conn, "SELECT current_user"))
+        seen.append(query(environ["pgpool.conn"], "SELECT current_user"))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (b"x" for _ in range(2))
+
+    middleware = mw(app, pools={"replica": replica_pool, "archive": {"dsn": pg.dsn(), "max_size": 1}})
+    archive = middleware.pools["archive"]
+    assert archive.name == "archive" and archive.max_size == 1
+    client = webtest.TestApp(middleware)
+    client.get("/write")
+    assert replica_pool.stats()["checkouts"] == 0
+    client.get("/read")
+    assert seen == ["postgres", "app", "postgres"]
+    assert replica_pool.stats()["checkouts"] == 1 and replica_pool.stats()["in_use"] == 0
+    assert archive.stats()["checkouts"] == 0
+    middleware.close()
+    assert archive.closed
+
+
+def test_named_pools_commit_together_in_commit_mode(pg, mw, make_pool, table):
+    pg.execute("CREATE TABLE IF NOT EXISTS tx_other (v text)")
+    pg.execute("TRUNCATE tx_other")
+    other = make_pool(name="other")
+
+    def app(environ, start_response):
+        with environ["pgpool.conn"].cursor() as cur:
+            cur.execute("INSERT INTO tx_test VALUES ('main')")
+        with environ["pgpool.other"].conn.cursor() as cur:
+            cur.execute("INSERT INTO tx_other VALUES ('other')")
+        start_response(environ["QUERY_STRING"] or "200 OK", [("Content-Type", "text/plain")])
+        return (b"x" for _ in range(2))
+
+    middleware = mw(validator(app), transaction="commit", pools={"other": other})
+    serve(validator(middleware), make_environ(QUERY_STRING="500 Failed"))
+    assert table() == [] and pg.execute("SELECT count(*) FROM tx_other") == [(0,)]
+    serve(validator(middleware))
+    assert table() == ["main"] and pg.execute("SELECT v FROM tx_other") == [("other",)]
+    assert other.stats()["in_use"] == 0 and middleware.pool.stats()["in_use"] == 0
+
+
+def test_named_pool_option_errors_name_pool_and_key(mw):
+    with pytest.raises(ConfigError, match=r"^replica\.max_size: got 0"):
+        PgPoolMiddleware(list_body, pools={"replica": {"max_size": 0}})
+    with pytest.raises(ConfigError, match=r"^pools: got"):
+        PgPoolMiddleware(list_body, pools={"conn": {}})

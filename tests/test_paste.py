@@ -65,3 +65,38 @@ def test_factory_opens_nothing(pg):
     after = pg.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgpool_wsgi%'")
     assert before == after and middleware.pool.max_size == 2
     middleware.pool.close()
+
+
+def test_named_pools_from_ini(pg):
+    app = loadapp("config:named_pools.ini", relative_to=str(HERE),
+                  global_conf={"test_dsn": pg.dsn(), "replica_dsn": pg.dsn(user="app")})
+    middleware = find_middleware(app)
+    try:
+        replica = middleware.pools["replica"]
+        assert (replica.name, replica.max_size, replica.check) == ("replica", 2, "ping")
+        client = webtest.TestApp(middleware)
+        assert client.get("/").json == {"replica_user": "app"}
+        stats = client.get("/_pool").json
+        assert stats["checkouts"] == 1 and stats["pools"]["replica"]["checkouts"] == 1
+        assert stats["pools"]["replica"]["in_use"] == 0
+    finally:
+        middleware.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        pytest.param({"replica.max_sise": "3"}, "replica.max_sise: unknown option; did you mean 'max_size'",
+                     id="unknown-option"),
+        pytest.param({"replica.max_size": "many"}, "replica.max_size: got 'many', expected an integer",
+                     id="bad-value"),
+        pytest.param({"replica.transaction": "commit"}, "replica.transaction: unknown option",
+                     id="middleware-option-in-a-pool"),
+        pytest.param({"Replica.dsn": "host=x"}, "pools: got", id="bad-name"),
+        pytest.param({"handle.dsn": "host=x"}, "pools: got", id="reserved-name"),
+    ],
+)
+def test_named_pool_errors_name_the_key(settings, message):
+    with pytest.raises(ConfigError) as info:
+        filter_factory({}, **settings)
+    assert str(info.value).startswith(message)

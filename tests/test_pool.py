@@ -432,3 +432,62 @@ def test_pool_checks_its_options():
         ConnectionPool(max_sise=3)
     with pytest.raises(ConfigError, match="min_size"):
         ConnectionPool(min_size=5, max_size=2)
+
+
+def test_only_one_probe_at_a_time_after_a_failed_connect(monkeypatch):
+    """Pure logic (a connect that blocks, then fails): a connect begun before the
+    backoff must not end the probe that a later caller started."""
+    gates: dict[str, threading.Event] = {}
+    inside: list[str] = []
+    guard = threading.Lock()
+
+    def fake_connect(self: Target, pid: int) -> Any:
+        name = threading.current_thread().name
+        with guard:
+            inside.append(name)
+        gates[name].wait(10)
+        with guard:
+            inside.remove(name)
+        raise psycopg2.OperationalError("connection refused (fake)")
+
+    monkeypatch.setattr(Target, "connect", fake_connect)
+    pool = ConnectionPool("host=127.0.0.1 port=1 dbname=x", max_size=10, timeout=1)
+
+    failures: list[str] = []
+
+    def attempt() -> None:
+        try:
+            pool.getconn()
+        except PoolError:
+            failures.append(threading.current_thread().name)
+
+    def client(name: str) -> threading.Thread:
+        gates[name] = threading.Event()
+        t = threading.Thread(target=attempt, name=name)
+        t.start()
+        return t
+
+    def wait_inside(names: list[str]) -> None:
+        deadline = time.monotonic() + 5
+        while sorted(inside) != names and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sorted(inside) == names
+
+    a, b = client("A"), client("B")  # two connects under way, no backoff yet
+    wait_inside(["A", "B"])
+    gates["A"].set()
+    a.join(5)  # A fails: backoff 0.1 s
+    time.sleep(0.15)
+    c = client("C")  # C is the probe
+    wait_inside(["B", "C"])
+    gates["B"].set()
+    b.join(5)  # B was not the probe: C still is
+    time.sleep(0.3)  # past B's retry_at
+    d = client("D")
+    d.join(5)  # fails at once: C is probing
+    assert not d.is_alive() and sorted(inside) == ["C"]
+    for gate in gates.values():
+        gate.set()
+    c.join(5)
+    assert sorted(failures) == ["A", "B", "C", "D"]
+    assert pool.stats()["connect_errors"] == 3

@@ -1,0 +1,60 @@
+"""What the process model tells us: uWSGI master or not, how many workers.
+
+Read from the servers' own objects, never guessed: uWSGI's ``uwsgi`` module,
+and gunicorn's arbiter or worker (each installs bound methods of itself as
+signal handlers). Returns None when the server does not say.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+
+def in_uwsgi_master() -> bool:
+    """True in a uWSGI master process (it forks in C, without at-fork hooks)."""
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None:
+        return False
+    try:
+        return bool(uwsgi.masterpid()) and uwsgi.worker_id() == 0
+    except (AttributeError, TypeError, ValueError):  # a stub module or a uWSGI without workers
+        return False
+
+
+def _gunicorn_owner() -> Any:
+    if "gunicorn" not in sys.modules:
+        return None
+    try:
+        handler = signal.getsignal(signal.SIGTERM)
+    except (ValueError, OSError):
+        return None
+    owner = getattr(handler, "__self__", None)
+    return owner if type(owner).__module__.startswith("gunicorn.") else None
+
+
+def worker_processes() -> tuple[str, int] | None:
+    """(server name, number of worker processes) if the server tells us."""
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is not None and isinstance(getattr(uwsgi, "numproc", None), int):
+        return "uWSGI", int(uwsgi.numproc)
+    owner = _gunicorn_owner()
+    if owner is not None:
+        workers = getattr(owner, "num_workers", None) or getattr(getattr(owner, "cfg", None), "workers", None)
+        if isinstance(workers, int):
+            return "gunicorn", workers
+    return None
+
+
+def is_first_process() -> bool:
+    """Are we the master or the first worker (so a deployment-wide warning is said once)?"""
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is not None:
+        try:
+            return int(uwsgi.worker_id()) <= 1
+        except (AttributeError, TypeError, ValueError):
+            return True
+    owner = _gunicorn_owner()
+    age = getattr(owner, "age", None)
+    return not isinstance(age, int) or age <= 1
