@@ -48,11 +48,11 @@ def worker_processes() -> tuple[str, int] | None:
 
 
 def is_first_process() -> bool:
-    """Are we the master or the first worker (so a deployment-wide warning is said once)?"""
+    """Are we the first worker, or not under a known server (so a deployment-wide warning is said once)?"""
     uwsgi = sys.modules.get("uwsgi")
     if uwsgi is not None:
         try:
-            return int(uwsgi.worker_id()) <= 1
+            return int(uwsgi.worker_id()) == 1
         except (AttributeError, TypeError, ValueError):
             return True
     owner = _gunicorn_owner()

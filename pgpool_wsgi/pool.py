@@ -300,7 +300,7 @@ class ConnectionPool:
             state.backoff = 0.0
             first = not state.capacity_checked
             state.capacity_checked = True
-        if first and self._check_capacity:
+        if first and self._check_capacity and state.accepting:  # not from a uWSGI master: its workers will
             _upkeep.check_capacity(self, conn)
         if self._configure is not None:
             try:

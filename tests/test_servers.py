@@ -253,3 +253,30 @@ def test_demo_deployment_files(pg: PgServer, tmp_path: Path, make_command: Calla
     assert status == 200 and hashlib.sha256(body).hexdigest() == headers["x-sha256"]
     assert headers["x-pool-in-use"] == "0"
     assert cpu_status == 200 and json.loads(cpu_body)["had_connection"] is False
+
+
+CAPACITY_CASES = [
+    pytest.param("gunicorn", ("--preload",), "3 gunicorn workers", id="gunicorn-preload"),
+    pytest.param("gunicorn", (), "3 gunicorn workers", id="gunicorn"),
+    pytest.param("uwsgi", (), "3 uWSGI workers", id="uwsgi-processes"),
+]
+
+
+@pytest.mark.parametrize(("server", "args", "who"), CAPACITY_CASES)
+def test_capacity_warning_names_the_deployment_once(pg: PgServer, tmp_path: Path, server: str,
+                                                    args: tuple[str, ...], who: str) -> None:
+    """3 workers x max_size 120 = 360 connections, more than the server's 300 minus reserved."""
+    available = int(str(pg.execute("SELECT current_setting('max_connections')::int"
+                                   " - current_setting('superuser_reserved_connections')::int")[0][0]))
+    case = Case(server, args, workers=3)
+    port = free_port()
+    env = dict(server_env(pg), SERVERAPP_MAX_SIZE="120")
+    log_path = tmp_path / "server.log"
+    with running(command(case, port), port=port, env=env, log_path=log_path, cwd=ROOT):
+        report = run_load(HOST, port, total=200, concurrency=CLIENTS, timeout=30, deadline=60)
+    assert not report.errors and len(report.ok) == 200
+    log = log_path.read_text(errors="replace")
+    lines = [line for line in log.splitlines() if "this deployment may open" in line]
+    assert len(lines) == 1, log[-3000:]
+    assert f"open 360 connections ({who} x max_size 120)" in lines[0]
+    assert f"the server accepts {available}" in lines[0]
