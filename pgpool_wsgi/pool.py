@@ -105,57 +105,7 @@ class ConnectionPool:
 
     def _process_state(self) -> State:
         """This process's state, made on first use here (after a fork: reset)."""
-        pid = _getpid()
-        state = self._states.get(pid)
-        if state is not None:
-            return state
-        fresh = State(pid)
-        fresh.accepting = fresh.accepting and not self._closed
-        # setdefault is atomic: threads racing here all get the same state.
-        state = self._states.setdefault(pid, fresh)
-        if state is not fresh:
-            return state
-        old, self._state = self._state, state
-        for other in [p for p in self._states if p != pid]:
-            self._states.pop(other, None)
-        if old.pid:
-            dropped = self._forget(old)
-            state.fork_resets += 1
-            log.info("%s: fork detected (pid %d -> %d): dropped %d inherited connection(s)",
-                     self.name, old.pid, pid, dropped)
-        return state
-
-    def _forget(self, old: State) -> int:
-        """Release the sockets of another process's connections; no I/O on them."""
-        if old.dropped is None:
-            old.dropped = len(old.slots)
-            for conn in list(old.slots):
-                _conn.drop_inherited(conn)
-            # Connections checked out at fork time may still come back here.
-            self._inherited = {id(c): c for c, s in old.slots.items() if s.out_since is not None}
-            old.idle = []
-        return old.dropped
-
-    def _after_fork_in_child(self) -> None:
-        # Python's at-fork hook: release inherited sockets right away. Makes
-        # no lock (gevent may patch threading later) and takes none.
-        state = self._state
-        if state.pid and state.pid != _getpid():
-            self._forget(state)
-
-    def _before_fork(self) -> None:
-        # In the parent, before os.fork(): close our idle connections so a
-        # pre-forking master (gunicorn --preload) keeps none. Never wait for
-        # the lock here: its holder may be the thread that is forking.
-        state = self._state
-        if state.pid != _getpid() or not state.lock.acquire(blocking=False):
-            return
-        try:
-            idle = self._take_idle(state, len(state.idle))
-        finally:
-            state.lock.release()
-        for slot in idle:
-            _conn.close(slot.conn)
+        return _fork.process_state(self)
 
     @staticmethod
     def _take_idle(state: State, count: int) -> list[Slot]:
@@ -465,7 +415,7 @@ class ConnectionPool:
         self._closed = True
         state = self._state
         if state.pid != _getpid():
-            self._forget(state)
+            _fork.forget(self, state)
             return
         with state.lock:
             state.accepting = False
