@@ -79,6 +79,7 @@ class ConnectionPool:
         self._idle_limit = min(self.max_idle, self.ping_after if self.check == "ping" else _NEVER)
         self._configure = opts["configure"]
         self._check_capacity: bool = opts["check_capacity"]
+        self._plain_reset = self.reset_sql is None  # returns may take the fast path
         self._target = Target(opts["dsn"], opts["connect_kwargs"], opts["connect_timeout"])
         self._closed = False
         self._state: State = Unused()
@@ -280,15 +281,23 @@ class ConnectionPool:
         # pid first (_give_back), and so does the next checkout.
         state = self._state
         slot = state.slots.get(conn)
-        if slot is not None and not discard and state.accepting and self.reset_sql is None:
+        if slot is not None and not discard and self._plain_reset and state.accepting:
             out_since = slot.out_since
             session = slot.session
             if (out_since is not None and not conn.get_transaction_status()
                     and conn.autocommit is session.autocommit and conn.isolation_level == session.isolation_level
                     and conn.readonly == session.readonly and conn.deferrable == session.deferrable):
                 now = _now()
+                # Held no longer than leak_timeout, so never reported as a leak.
                 if now < slot.expires and now - out_since <= self.leak_timeout and state.lock.acquire(False):
-                    self._make_idle(state, slot, now)
+                    slot.last_used = now
+                    good_until = now + self._idle_limit
+                    slot.good_until = good_until if good_until < slot.expires else slot.expires
+                    if state.waiters:
+                        self._hand_over(state, slot, now)
+                    else:
+                        slot.out_since = None
+                        state.idle.append(slot)
                     state.lock.release()
                     if now >= state.next_upkeep:
                         _upkeep.run(self, state, now)
@@ -322,12 +331,17 @@ class ConnectionPool:
         slot.good_until = good_until if good_until < slot.expires else slot.expires
         slot.leak_reported = False
         if state.waiters:
-            slot.out_since = now
-            state.checkouts += 1
-            state.waiters.popleft().give(slot)
+            self._hand_over(state, slot, now)
         else:
             slot.out_since = None
             state.idle.append(slot)
+
+    @staticmethod
+    def _hand_over(state: State, slot: Slot, now: float) -> None:
+        # Under the lock: give a returned connection to the longest waiter.
+        slot.out_since = now
+        state.checkouts += 1
+        state.waiters.popleft().give(slot)
 
     def _reset_reason(self, state: State, slot: Slot, discard: bool, now: float) -> str | None:
         """Reset a returned connection (network I/O); why it must go, or None."""

@@ -45,20 +45,30 @@ def query(conn: Any, sql: str, params: tuple[Any, ...] | None = None) -> Any:
     return row[0]
 
 
-def child(pool: ConnectionPool, parent_inodes: set[str], parent_pids: set[int], carried: Any) -> dict[str, Any]:
+def child(pool: ConnectionPool, parent_inodes: set[str], parent_pids: set[int], carried: Any,
+          return_first: bool) -> dict[str, Any]:
     before = socket_inodes() & parent_inodes
+    carried_error = None
+    if return_first:
+        # Before this process has checked anything out: the pool has not yet
+        # noticed the fork (no hooks ran with a C fork).
+        try:
+            pool.putconn(carried)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            carried_error = repr(exc)
     conn = pool.getconn(timeout=10)
     pid = query(conn, "SELECT pg_backend_pid()")
     echo = query(conn, "SELECT %s::text", ("child-token",))
-    carried_error = None
-    try:
-        pool.putconn(carried)  # checked out before the fork: dropped quietly
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        carried_error = repr(exc)
+    if not return_first:
+        try:
+            pool.putconn(carried)  # checked out before the fork: dropped quietly
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            carried_error = repr(exc)
     stats = pool.stats()
     after = socket_inodes() & parent_inodes
     pool.putconn(conn)
     return {"backend_pid": pid, "own_backend": pid not in parent_pids, "echo": echo,
+            "carried_closed_in_child": bool(carried.closed),
             "inherited_fds_before_checkout": len(before), "inherited_fds_after_checkout": len(after),
             "carried_error": carried_error, "stats": stats}
 
@@ -95,7 +105,7 @@ def main() -> int:
         os.close(read_end)
         code = 0
         try:
-            report = child(pool, parent_inodes, parent_pids, carried)
+            report = child(pool, parent_inodes, parent_pids, carried, bool(args.get("return_first")))
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             report = {"error": repr(exc)}
             code = 3

@@ -60,8 +60,15 @@ def test_child_gets_own_connections_and_parent_keeps_working(pg, fork, exit_mode
     assert parent["parent_stats"]["fork_resets"] == 0
 
 
+@pytest.mark.parametrize("lock_held", [False, True], ids=["lock-free", "lock-held-at-fork"])
 @pytest.mark.parametrize("fork", ["os", "ctypes"], ids=["os.fork", "C-fork-no-hooks"])
-def test_fork_while_another_thread_holds_the_pool_lock(pg, fork):
-    report = run_probe(pg.dsn(), fork=fork, exit="os_exit", lock_held=True)
-    assert report["child"]["own_backend"] is True
-    assert report["parent"]["child_exit_status"] == 0
+def test_fork_while_another_thread_holds_the_pool_lock(pg, fork, lock_held):
+    # The child's first act is to return the connection it carried over:
+    # before any checkout, so with a C fork the pool has not noticed yet.
+    report = run_probe(pg.dsn(), fork=fork, exit="os_exit", lock_held=lock_held, return_first=True)
+    child, parent = report["child"], report["parent"]
+    assert child["own_backend"] is True and child["carried_error"] is None
+    assert child["carried_closed_in_child"] is True  # dropped by the child, not kept
+    assert child["inherited_fds_after_checkout"] == 0
+    assert parent["child_exit_status"] == 0
+    assert parent["held_pids_after"] == parent["held_pids_before"] and parent["carried_works"] is True
