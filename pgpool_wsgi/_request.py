@@ -32,17 +32,20 @@ class RequestHandle:
     Named pools get a handle each: ``environ["pgpool.<name>"]``, always lazy.
     """
 
-    __slots__ = ("_pool", "_mode", "_label", "_environ", "_conn", "_conn_key", "status")
+    __slots__ = ("_conn", "_conn_key", "_environ", "_mode", "_pool", "status")
 
-    def __init__(self, pool: ConnectionPool, mode: str, label: str, environ: WSGIEnvironment,
+    def __init__(self, pool: ConnectionPool, mode: str, environ: WSGIEnvironment,
                  conn_key: str | None = CONN_KEY) -> None:
         self._pool = pool
         self._mode = mode
-        self._label = label
         self._environ = environ
         self._conn_key = conn_key
         self._conn: Any = None
         self.status = 200
+
+    def __str__(self) -> str:
+        # The holder's name in the pool's leak warnings: made only when logged.
+        return f"{self._environ.get('REQUEST_METHOD')} {self._environ.get('PATH_INFO', '')}"
 
     @property
     def pool(self) -> ConnectionPool:
@@ -56,7 +59,7 @@ class RequestHandle:
         return self._conn
 
     def _checkout(self) -> Any:
-        conn = self._pool.getconn(label=self._label)
+        conn = self._pool.getconn(label=self)
         if self._mode == "autocommit":
             conn.autocommit = True
         self._conn = conn
@@ -86,12 +89,14 @@ class RequestHandle:
 class HandleGroup:
     """The request's main handle plus one per named pool, finished together."""
 
-    __slots__ = ("handles", "_mode", "_label")
+    __slots__ = ("_mode", "handles")
 
-    def __init__(self, handles: list[RequestHandle], mode: str, label: str) -> None:
+    def __init__(self, handles: list[RequestHandle], mode: str) -> None:
         self.handles = handles
         self._mode = mode
-        self._label = label
+
+    def __str__(self) -> str:
+        return str(self.handles[0])
 
     @property
     def status(self) -> int:
@@ -150,4 +155,4 @@ class Body:
             self._handle.finish(None, succeeded=succeeded)
         except Exception:
             # Headers are gone already: all we can do is say so.
-            log.exception("%s: commit after the response body failed", self._handle._label)
+            log.exception("%s: commit after the response body failed", self._handle)

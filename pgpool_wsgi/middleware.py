@@ -123,12 +123,11 @@ class PgPoolMiddleware:
             return self._serve_stats(start_response)
         if self.exclude_paths and path.startswith(self.exclude_paths):
             return self.app(environ, start_response)
-        label = f"{environ.get('REQUEST_METHOD')} {path}"
-        handle = RequestHandle(self.pool, self.transaction, label, environ)
+        handle = RequestHandle(self.pool, self.transaction, environ)
         environ[HANDLE_KEY] = handle
         finisher: Finisher = handle
         if self._named_keys:
-            finisher = self._add_named(environ, handle, label)
+            finisher = self._add_named(environ, handle)
         if self._eager:
             try:
                 environ[CONN_KEY] = handle._checkout()
@@ -149,13 +148,13 @@ class PgPoolMiddleware:
             return self._finish_now(result, finisher, start_response)
         return self._wrap(result, finisher, environ)
 
-    def _add_named(self, environ: WSGIEnvironment, handle: RequestHandle, label: str) -> HandleGroup:
+    def _add_named(self, environ: WSGIEnvironment, handle: RequestHandle) -> HandleGroup:
         handles = [handle]
         for key, pool in self._named_keys:
-            named = RequestHandle(pool, self.transaction, label, environ, conn_key=None)
+            named = RequestHandle(pool, self.transaction, environ, conn_key=None)
             environ[key] = named
             handles.append(named)
-        return HandleGroup(handles, self.transaction, label)
+        return HandleGroup(handles, self.transaction)
 
     @staticmethod
     def _status_recorder(handle: Finisher, start_response: StartResponse) -> StartResponse:
@@ -170,7 +169,7 @@ class PgPoolMiddleware:
         try:
             handle.finish(None, succeeded=True)
         except Exception:
-            log.exception("%s: commit failed; answering 500", handle._label)
+            log.exception("%s: commit failed; answering 500", handle)
             start_response("500 Internal Server Error",
                            [("Content-Type", "text/plain; charset=utf-8"),
                             ("Content-Length", str(len(_COMMIT_FAILED_BODY)))], sys.exc_info())

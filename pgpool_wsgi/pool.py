@@ -291,6 +291,7 @@ class ConnectionPool:
                 # Held no longer than leak_timeout, so never reported as a leak.
                 if now < slot.expires and now - out_since <= self.leak_timeout and state.lock.acquire(False):
                     slot.last_used = now
+                    slot.label = None  # may hold a request's environ
                     good_until = now + self._idle_limit
                     slot.good_until = good_until if good_until < slot.expires else slot.expires
                     if state.waiters:
@@ -327,6 +328,7 @@ class ConnectionPool:
     def _make_idle(self, state: State, slot: Slot, now: float) -> None:
         # Under the lock: the slot is reset; hand it to the first waiter or keep it.
         slot.last_used = now
+        slot.label = slot.stack = None
         good_until = now + self._idle_limit
         slot.good_until = good_until if good_until < slot.expires else slot.expires
         slot.leak_reported = False
