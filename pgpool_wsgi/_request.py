@@ -7,9 +7,12 @@ mode says -> give the connection back (the pool resets it) -> idle.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Union
+
+import psycopg2
 
 from . import _conn
 from .pool import ConnectionPool
@@ -38,14 +41,19 @@ class RequestHandle:
                  conn_key: str | None = CONN_KEY) -> None:
         self._pool = pool
         self._mode = mode
-        self._environ = environ
+        # environ holds us too: finish() drops this reference so the request
+        # is freed by reference counting, not left to the cyclic collector.
+        self._environ: WSGIEnvironment | None = environ
         self._conn_key = conn_key
         self._conn: Any = None
         self.status = 200
 
     def __str__(self) -> str:
         # The holder's name in the pool's leak warnings: made only when logged.
-        return f"{self._environ.get('REQUEST_METHOD')} {self._environ.get('PATH_INFO', '')}"
+        environ = self._environ
+        if environ is None:
+            return "a finished request"
+        return f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO', '')}"
 
     @property
     def pool(self) -> ConnectionPool:
@@ -60,19 +68,26 @@ class RequestHandle:
 
     def _checkout(self) -> Any:
         conn = self._pool.getconn(label=self)
-        if self._mode == "autocommit":
+        if self._mode == "autocommit" and not conn.autocommit:
             conn.autocommit = True
         self._conn = conn
         return conn
 
     def release(self) -> None:
         """End the transaction as at a successful end of the request; give the connection back."""
-        if self._conn_key is not None:
+        if self._conn_key is not None and self._environ is not None:
             self._environ.pop(self._conn_key, None)
-        self.finish(None, succeeded=True)
+        self._give_back(None, succeeded=True)
 
     def finish(self, exc: BaseException | None, *, succeeded: bool) -> None:
-        """Commit (commit mode, success) and return the connection; at most once."""
+        """The request is over: end the transaction as the mode says, return the connection."""
+        try:
+            self._give_back(exc, succeeded=succeeded)
+        finally:
+            self._environ = None
+
+    def _give_back(self, exc: BaseException | None, *, succeeded: bool) -> None:
+        # Commit (commit mode, success) and return the connection; at most once.
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -81,6 +96,7 @@ class RequestHandle:
             try:
                 conn.commit()
             except BaseException as err:
+                log.exception("%s: commit failed", self)
                 self._pool.putconn(conn, discard=_conn.is_broken_error(err))
                 raise
         self._pool.putconn(conn, discard=discard)
@@ -151,8 +167,6 @@ class Body:
             self._handle.finish(exc, succeeded=False)
             raise
         succeeded = self._done or self._handle._mode != "commit"
-        try:
+        # A failed commit is logged by the handle; the headers are gone already.
+        with contextlib.suppress(psycopg2.Error):
             self._handle.finish(None, succeeded=succeeded)
-        except Exception:
-            # Headers are gone already: all we can do is say so.
-            log.exception("%s: commit after the response body failed", self._handle)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
 import threading
 import time
+import weakref
 import wsgiref.util
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -390,7 +392,7 @@ def test_commit_failure_on_a_list_body_is_a_500_not_a_false_200(mw, table, pool_
     assert middleware.pool.stats()["in_use"] == 0
 
 
-def test_autocommit_mode_is_undone_for_the_next_request(mw):
+def test_autocommit_mode_is_undone_for_the_next_request(make_pool):
     seen: list[bool] = []
 
     def app(environ, start_response):
@@ -398,11 +400,13 @@ def test_autocommit_mode_is_undone_for_the_next_request(mw):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b""]
 
-    auto = mw(app, transaction="autocommit", max_size=1)
+    # With a pool of your own, autocommit is switched on for the request only.
+    own_pool = make_pool(max_size=1)
+    auto = PgPoolMiddleware(app, pool=own_pool, transaction="autocommit")
     serve(auto)
-    conn = auto.pool.getconn()
+    conn = own_pool.getconn()
     assert conn.autocommit is False and seen == [True]
-    auto.pool.putconn(conn)
+    own_pool.putconn(conn)
 
 
 # -- R5: no state crosses requests ------------------------------------------------------
@@ -642,3 +646,64 @@ def test_named_pool_option_errors_name_pool_and_key(mw):
         PgPoolMiddleware(list_body, pools={"replica": {"max_size": 0}})
     with pytest.raises(ConfigError, match=r"^pools: got"):
         PgPoolMiddleware(list_body, pools={"conn": {}})
+
+
+# -- memory -------------------------------------------------------------------------------
+
+
+class _Marker:
+    pass
+
+
+def no_db_body(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"no database"]
+
+
+@pytest.mark.parametrize(
+    ("app", "options"),
+    [
+        pytest.param(list_body, {}, id="list-body"),
+        pytest.param(generator_body, {}, id="generator-body"),
+        pytest.param(no_db_body, {"checkout": "lazy"}, id="lazy-unused"),
+        pytest.param(generator_body, {"transaction": "commit"}, id="commit-generator"),
+        pytest.param(list_body, {"pools": {"other": {"max_size": 1}}}, id="named-pools"),
+    ],
+)
+def test_a_finished_request_is_freed_without_the_cycle_collector(mw, dsn, app, options):
+    if "pools" in options:
+        options = {"pools": {"other": {"dsn": dsn, "max_size": 1}}}
+    middleware = mw(app, **options)
+    serve(middleware)  # warm up: the first request opens the connection
+    gc.collect()
+    gc.disable()
+    try:
+        marker = _Marker()
+        ref = weakref.ref(marker)
+        environ = make_environ()
+        environ["test.marker"] = marker
+        del marker
+        serve(middleware, environ)
+        del environ
+        assert ref() is None, "the request's environ outlived it (a reference cycle)"
+    finally:
+        gc.enable()
+    assert middleware.pool.stats()["in_use"] == 0
+
+
+def test_autocommit_mode_keeps_autocommit_as_the_resting_state(mw, make_pool):
+    seen: list[bool] = []
+
+    def app(environ, start_response):
+        seen.append(environ["pgpool.conn"].autocommit)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b""]
+
+    configured: list[bool] = []
+    auto = mw(app, transaction="autocommit", max_size=1, configure=lambda conn: configured.append(conn.autocommit))
+    serve(auto)
+    serve(auto)
+    conn = auto.pool.getconn()
+    assert seen == [True, True] and conn.autocommit is True and configured == [True]
+    auto.pool.putconn(conn)
+    assert auto.pool.stats()["connects"] == 1 and auto.pool.stats()["discarded"] == 0
