@@ -29,32 +29,64 @@ _poll = _original_poll()
 _READ_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
-class _Select:
-    """poll()'s interface over select(), for platforms without poll()."""
+class _SelectPoll:
+    """select.poll()'s interface over select(), for platforms without poll()."""
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __init__(self) -> None:
+        self._fds: set[int] = set()
 
-    def poll(self, timeout: int) -> list[int]:
-        return [self._fd] if select.select([self._fd], [], [], timeout)[0] else []
+    def register(self, fd: int, events: int) -> None:
+        self._fds.add(fd)
+
+    def unregister(self, fd: int) -> None:
+        self._fds.remove(fd)
+
+    def poll(self, timeout: int) -> list[tuple[int, int]]:
+        readable = select.select(list(self._fds), [], [], timeout)[0] if self._fds else []
+        return [(fd, select.POLLIN) for fd in readable]
 
 
-def poller(conn: Any) -> Any:
-    """An object whose ``poll(0)`` is non-empty once the idle connection has input.
+SNAPSHOT_TTL = 0.001  # seconds one look at all sockets serves checkouts
 
-    An idle connection has nothing to read: input means the server either
-    sent a notification (fine) or a FATAL error and closed (dead). Made once
-    per connection, so the test at checkout is one system call.
+
+class Watcher:
+    """Which of a process's connections have input: one poll() over all of them.
+
+    An idle connection has nothing to read. Input means the server either
+    sent a notification (fine) or a FATAL error and closed (dead); see
+    :func:`examine`. One look serves every checkout for ``SNAPSHOT_TTL``
+    seconds, so a busy process makes one system call (which also lets other
+    threads take the GIL) per millisecond, not one per checkout; a server
+    close is seen at most a millisecond late. Callers hold the pool lock.
     """
-    fd = conn.fileno()
-    if _poll is None:  # pragma: no cover - platforms without poll()
-        return _Select(fd)
-    p = _poll()
+
+    __slots__ = ("_poll", "fresh_until", "ready")
+
+    def __init__(self) -> None:
+        self._poll = _poll() if _poll is not None else _SelectPoll()
+        self.ready: frozenset[int] = frozenset()
+        self.fresh_until = 0.0
+
+    def add(self, fd: int) -> None:
+        self._poll.register(fd, _READ_EVENTS)
+
+    def remove(self, fd: int) -> None:
+        with contextlib.suppress(KeyError):
+            self._poll.unregister(fd)
+
+    def look(self, now: float) -> frozenset[int]:
+        self.ready = frozenset(fd for fd, _ in self._poll.poll(0))
+        self.fresh_until = now + SNAPSHOT_TTL
+        return self.ready
+
+
+def _readable(fd: int) -> bool:
+    p = _poll() if _poll is not None else _SelectPoll()
     p.register(fd, _READ_EVENTS)
-    return p
+    return bool(p.poll(0))
 
 
-def examine(conn: Any, readable: Any) -> bool:
+def examine(conn: Any) -> bool:
     """Is an idle connection whose socket is readable still alive? No round trip.
 
     ``conn.poll()`` reads what is there: a NOTIFY is kept in
@@ -64,13 +96,16 @@ def examine(conn: Any, readable: Any) -> bool:
     if conn.closed:
         return False
     try:
+        fd = conn.fileno()
+        if not _readable(fd):
+            return True  # the look that sent us here is out of date
         seen = len(conn.notices)
         conn.poll()
     except (psycopg2.Error, OSError, ValueError):
         return False
     if any(n.startswith("FATAL") for n in conn.notices[seen:]):
         return False
-    return not conn.closed and not readable.poll(0)
+    return not conn.closed and not _readable(fd)
 
 
 def ping(conn: Any) -> bool:

@@ -35,7 +35,7 @@ def process_state(pool: ConnectionPool) -> State:
     state = pool._states.get(pid)
     if state is not None:
         return state
-    fresh = State(pid)
+    fresh = State(pid, watch=pool.check != "none")
     fresh.accepting = fresh.accepting and not pool.closed
     # setdefault is atomic: threads racing here all get the same state.
     state = pool._states.setdefault(pid, fresh)

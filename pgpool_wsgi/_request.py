@@ -96,7 +96,7 @@ class RequestHandle:
             try:
                 conn.commit()
             except BaseException as err:
-                log.exception("%s: commit failed", self)
+                log.exception("%s: commit failed", str(self))
                 self._pool.putconn(conn, discard=_conn.is_broken_error(err))
                 raise
         self._pool.putconn(conn, discard=discard)

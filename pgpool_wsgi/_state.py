@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from ._conn import Watcher
 from ._deploy import in_uwsgi_master
 
 COUNTERS = ("checkouts", "timeouts", "connects", "connect_errors", "discarded", "fork_resets", "leaks")
@@ -20,14 +21,13 @@ COUNTERS = ("checkouts", "timeouts", "connects", "connect_errors", "discarded", 
 class Slot:
     """One open connection and what the pool knows about it."""
 
-    __slots__ = ("conn", "session", "poller", "expires", "good_until", "last_used", "out_since", "label",
-                 "stack", "leak_reported")
+    __slots__ = ("conn", "expires", "fd", "good_until", "label", "last_used", "leak_reported", "out_since",
+                 "session", "stack")
 
-    def __init__(self, conn: Any, session: Any, poller: Any, expires: float, good_until: float,
-                 now: float) -> None:
+    def __init__(self, conn: Any, session: Any, expires: float, good_until: float, now: float) -> None:
         self.conn = conn
+        self.fd: int = conn.fileno()
         self.session = session
-        self.poller = poller  # None with check = none
         self.expires = expires  # max_lifetime, jittered
         # The earliest of expires, max_idle and (check = ping) ping_after
         # from the last use: one comparison at checkout covers all three.
@@ -71,9 +71,10 @@ CLOSED = "closed"  # the pool was closed while you waited
 class State:
     """Everything one process knows about its connections."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, watch: bool = True) -> None:
         self.pid = pid
         self.lock = threading.Lock()
+        self.watcher = Watcher() if watch else None  # None with check = none
         self.slots: dict[Any, Slot] = {}  # conn -> slot (connections hash by identity)
         self.idle: list[Slot] = []  # a stack: the most recently used on top
         self.waiters: collections.deque[Waiter] = collections.deque()
@@ -103,6 +104,17 @@ class State:
     fork_resets: int
     leaks: int
 
+    # Called under the lock: a connection joins or leaves this process's pool.
+
+    def add(self, slot: Slot) -> None:
+        self.slots[slot.conn] = slot
+        if self.watcher is not None:
+            self.watcher.add(slot.fd)
+
+    def remove(self, slot: Slot) -> None:
+        if self.slots.pop(slot.conn, None) is not None and self.watcher is not None:
+            self.watcher.remove(slot.fd)
+
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTERS}
 
@@ -112,6 +124,7 @@ class Unused(State):
 
     def __init__(self) -> None:  # no lock: nothing may be created at import time
         self.pid = 0
+        self.watcher = None
         self.slots = {}
         self.idle = []
         self.dropped = 0

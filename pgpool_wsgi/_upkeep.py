@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,7 @@ def top_up(pool: ConnectionPool, state: State) -> None:
                     pool._hand_place(state)
                 return
             with state.lock:
-                state.slots[slot.conn] = slot
+                state.add(slot)
                 if state.waiters:
                     slot.out_since = slot.last_used
                     state.checkouts += 1
@@ -103,16 +104,20 @@ def check_capacity(pool: ConnectionPool, conn: Any) -> None:
 
 def drop_dead_idle(pool: ConnectionPool, state: State) -> None:
     """Test every idle connection (no round trip) and discard the dead ones."""
+    watcher = state.watcher
+    if watcher is None:
+        return
     with state.lock:
-        idle = list(state.idle)
-    dead = [s for s in idle if s.poller is not None and s.poller.poll(0) and not _conn.examine(s.conn, s.poller)]
+        ready = watcher.look(time.monotonic())
+        suspects = [s for s in state.idle if s.fd in ready]
+    dead = [s for s in suspects if not _conn.examine(s.conn)]
     if not dead:
         return
     with state.lock:
         gone = [s for s in dead if s in state.idle]
         for slot in gone:
             state.idle.remove(slot)
-            del state.slots[slot.conn]
+            state.remove(slot)
         state.reserved -= len(gone)
         state.discarded += len(gone)
         pool._hand_places(state)
@@ -163,6 +168,7 @@ def report_leak(pool: ConnectionPool, state: State, slot: Slot, held: float, *, 
     slot.leak_reported = True
     state.leaks += 1
     where = f"; checked out at:\n{slot.stack}" if slot.stack else ""
+    holder = "an unnamed caller" if slot.label is None else str(slot.label)  # now: the label may change
     log.warning("%s: connection held for %.1f s by %s (leak_timeout=%g s)%s%s",
-                pool.name, held, slot.label or "an unnamed caller", pool.leak_timeout,
+                pool.name, held, holder, pool.leak_timeout,
                 " and returned" if returned else ", not returned yet", where)

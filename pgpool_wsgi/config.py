@@ -238,7 +238,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_idle", POOL, 600.0, _seconds(), parse_seconds, "seconds",
            "close a connection idle this long; 0 = never"),
     Option("check", POOL, "auto", _choice("auto", "ping", "none"), _str, "auto, ping, none",
-           "liveness test at checkout: `auto` polls the socket (no round trip), "
+           "liveness test at checkout: `auto` looks for input on the idle socket (no round trip; one "
+           "poll() over all sockets serves a process for 1 ms), "
            "`ping` also runs `SELECT 1` after `ping_after` idle seconds, `none` skips it"),
     Option("ping_after", POOL, 10.0, _seconds(), parse_seconds, "seconds",
            "with `check = ping`: idle time after which a checkout pings"),

@@ -113,7 +113,7 @@ class ConnectionPool:
         # Under the lock: remove the ``count`` least recently used idle slots.
         taken, state.idle = state.idle[:count], state.idle[count:]
         for slot in taken:
-            del state.slots[slot.conn]
+            state.remove(slot)
         state.reserved -= len(taken)
         return taken
 
@@ -128,15 +128,17 @@ class ConnectionPool:
         state = self._state
         if state.pid != _getpid():
             state = self._process_state()
+        now = _now()
         lock = state.lock
         lock.acquire()
         if state.idle and state.accepting:
             slot = state.idle.pop()
             state.checkouts += 1
+            watcher = state.watcher
+            if watcher is not None and now >= watcher.fresh_until:
+                watcher.look(now)  # poll(0) over our sockets: no I/O, at most once a millisecond
             lock.release()
-            now = _now()
-            poller = slot.poller
-            if now >= slot.good_until or (poller is not None and poller.poll(0)):
+            if now >= slot.good_until or (watcher is not None and slot.fd in watcher.ready):
                 slot = self._renew(state, slot, now)
         else:
             lock.release()
@@ -154,7 +156,7 @@ class ConnectionPool:
         if now >= slot.expires or now - slot.last_used >= self.max_idle:
             reason = "max_lifetime or max_idle reached"
             routine = True
-        elif slot.poller is not None and not _conn.examine(slot.conn, slot.poller):
+        elif state.watcher is not None and not _conn.examine(slot.conn):
             reason = "closed by the server while idle"
             _upkeep.drop_dead_idle(self, state)  # a restart or a purge closes them all
         elif self.check == "ping" and now - slot.last_used > self.ping_after and not _conn.ping(slot.conn):
@@ -221,7 +223,7 @@ class ConnectionPool:
                 self._hand_place(state)
             raise
         with state.lock:
-            state.slots[slot.conn] = slot
+            state.add(slot)
         return slot
 
     def _open(self, state: State) -> Slot:
@@ -263,8 +265,7 @@ class ConnectionPool:
                 raise
         now = _now()
         expires = now + self.max_lifetime * (1 - random.random() * _LIFETIME_JITTER)
-        poller = None if self.check == "none" else _conn.poller(conn)
-        return Slot(conn, _conn.Session(conn), poller, expires, min(expires, now + self._idle_limit), now)
+        return Slot(conn, _conn.Session(conn), expires, min(expires, now + self._idle_limit), now)
 
     # -- return ---------------------------------------------------------------
 
@@ -371,7 +372,7 @@ class ConnectionPool:
         reason (age) is logged at INFO, anything else at WARNING.
         """
         with state.lock:
-            state.slots.pop(slot.conn, None)
+            state.remove(slot)
             if reason:
                 state.discarded += 1
             if not keep_place:

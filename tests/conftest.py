@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pgpool_wsgi import ConnectionPool
+from pgpool_wsgi import ConnectionPool, PgPoolMiddleware
 from tests.pgserver import PgServer
 
 
@@ -42,6 +42,21 @@ def make_pool(dsn: str) -> Iterator[Callable[..., ConnectionPool]]:
     yield make
     for pool in pools:
         pool.close()
+
+
+@pytest.fixture
+def make_middleware() -> Iterator[Callable[..., PgPoolMiddleware]]:
+    """Build middlewares; their pools are closed after the test."""
+    made: list[PgPoolMiddleware] = []
+
+    def make(app: Any, **options: Any) -> PgPoolMiddleware:
+        middleware = PgPoolMiddleware(app, **options)
+        made.append(middleware)
+        return middleware
+
+    yield make
+    for middleware in made:
+        middleware.close()
 
 
 @pytest.fixture

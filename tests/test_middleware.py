@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 import wsgiref.util
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.validate import validator
 
@@ -75,18 +75,9 @@ def query(conn: Any, sql: str, params: tuple[Any, ...] | None = None) -> Any:
 
 
 @pytest.fixture
-def mw(dsn: str) -> Iterator[Callable[..., PgPoolMiddleware]]:
-    made: list[PgPoolMiddleware] = []
-
-    def build(app: App, **options: Any) -> PgPoolMiddleware:
-        options.setdefault("dsn", dsn)
-        middleware = PgPoolMiddleware(app, **options)
-        made.append(middleware)
-        return middleware
-
-    yield build
-    for middleware in made:
-        middleware.pool.close()
+def mw(dsn: str, make_middleware: Callable[..., PgPoolMiddleware]) -> Callable[..., PgPoolMiddleware]:
+    """make_middleware with the session server's DSN unless told otherwise."""
+    return lambda app, **options: make_middleware(app, **{"dsn": dsn, **options})
 
 
 # -- R1: the connection is there before the app runs ---------------------------

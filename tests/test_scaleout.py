@@ -104,20 +104,6 @@ def make_bouncer(pg: PgServer) -> Iterator[Callable[..., PgBouncer]]:
         bouncer.cleanup()
 
 
-@pytest.fixture
-def make_middleware() -> Iterator[Callable[..., PgPoolMiddleware]]:
-    made: list[PgPoolMiddleware] = []
-
-    def make(app: App, **options: Any) -> PgPoolMiddleware:
-        middleware = PgPoolMiddleware(app, **options)
-        made.append(middleware)
-        return middleware
-
-    yield make
-    for middleware in made:
-        middleware.pool.close()
-
-
 # -- PgBouncer, transaction pooling ---------------------------------------------------
 
 SERVER_CONNECTIONS = 2  # the bouncer's default_pool_size
