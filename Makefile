@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench lint postgres pgbouncer clean
+.PHONY: test demo bench bench-quick bench-tools lint postgres pgbouncer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,22 @@ test: postgres pgbouncer $(VENV)/.stamp-test
 demo: postgres $(VENV)/.stamp-demo
 	$(BIN)/python demo/run_demo.py
 
-bench: postgres $(VENV)/.stamp-bench
-	$(BIN)/python bench/micro.py
+# wrk (load generator) and pgbouncer (one e2e row): Debian packages, installed when root.
+bench-tools:
+	@if command -v wrk >/dev/null 2>&1 && { command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; }; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's wrk and pgbouncer packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk pgbouncer >/dev/null; \
+	else \
+	  echo "bench needs wrk (and pgbouncer for one row): sudo apt-get install wrk pgbouncer"; exit 1; \
+	fi
+
+bench: postgres bench-tools $(VENV)/.stamp-bench
+	$(BIN)/python bench/run_all.py
+
+bench-quick: postgres bench-tools $(VENV)/.stamp-bench
+	$(BIN)/python bench/run_all.py --quick
 
 lint: $(VENV)/.stamp-lint $(VENV)/.stamp-test
 	$(BIN)/ruff check pgpool_wsgi tests demo bench
