@@ -10,6 +10,8 @@ import contextlib
 import os
 import select
 import sys
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg2
@@ -57,14 +59,22 @@ class Watcher:
     :func:`examine`. One look serves every checkout for ``SNAPSHOT_TTL``
     seconds, so a busy process makes one system call (which also lets other
     threads take the GIL) per millisecond, not one per checkout; a server
-    close is seen at most a millisecond late. Callers hold the pool lock.
+    close is seen at most a millisecond late.
+
+    ``snapshot`` is ``(taken_at, ready_fds)``. A connection that was in use
+    when the look was taken may have had a reply in flight: the look says
+    nothing about it (it was alive when it came back, after the look).
+    add() and remove() are called under the pool lock; look() takes a lock
+    of its own and no pool lock, and a caller that finds another look under
+    way goes on with the last one.
     """
 
-    __slots__ = ("_poll", "fresh_until", "ready")
+    __slots__ = ("_lock", "_poll", "fresh_until", "snapshot")
 
     def __init__(self) -> None:
         self._poll = _poll() if _poll is not None else _SelectPoll()
-        self.ready: frozenset[int] = frozenset()
+        self._lock = threading.Lock()
+        self.snapshot: tuple[float, frozenset[int]] = (0.0, frozenset())
         self.fresh_until = 0.0
 
     def add(self, fd: int) -> None:
@@ -74,10 +84,19 @@ class Watcher:
         with contextlib.suppress(KeyError):
             self._poll.unregister(fd)
 
-    def look(self, now: float) -> frozenset[int]:
-        self.ready = frozenset(fd for fd, _ in self._poll.poll(0))
-        self.fresh_until = now + SNAPSHOT_TTL
-        return self.ready
+    def look(self, now: float, *, wait: bool = False) -> tuple[float, frozenset[int]]:
+        if self._lock.acquire(wait):
+            try:
+                self.fresh_until = now + SNAPSHOT_TTL
+                self.snapshot = (now, frozenset(fd for fd, _ in self._poll.poll(0)))
+            finally:
+                self._lock.release()
+        return self.snapshot
+
+    def suspects(self, slots: Iterable[Any]) -> list[Any]:
+        """Idle slots that the last look saw input on (slots have ``fd`` and ``last_used``)."""
+        taken_at, ready = self.snapshot
+        return [s for s in slots if s.last_used <= taken_at and s.fd in ready]
 
 
 def _readable(fd: int) -> bool:

@@ -107,9 +107,9 @@ def drop_dead_idle(pool: ConnectionPool, state: State) -> None:
     watcher = state.watcher
     if watcher is None:
         return
+    watcher.look(time.monotonic(), wait=True)
     with state.lock:
-        ready = watcher.look(time.monotonic())
-        suspects = [s for s in state.idle if s.fd in ready]
+        suspects = watcher.suspects(state.idle)
     dead = [s for s in suspects if not _conn.examine(s.conn)]
     if not dead:
         return

@@ -134,12 +134,15 @@ class ConnectionPool:
         if state.idle and state.accepting:
             slot = state.idle.pop()
             state.checkouts += 1
-            watcher = state.watcher
-            if watcher is not None and now >= watcher.fresh_until:
-                watcher.look(now)  # poll(0) over our sockets: no I/O, at most once a millisecond
             lock.release()
-            if now >= slot.good_until or (watcher is not None and slot.fd in watcher.ready):
-                slot = self._renew(state, slot, now)
+            watcher = state.watcher
+            if watcher is None:
+                if now >= slot.good_until:
+                    slot = self._renew(state, slot, now)
+            else:
+                taken_at, ready = watcher.look(now) if now >= watcher.fresh_until else watcher.snapshot
+                if now >= slot.good_until or (slot.fd in ready and slot.last_used <= taken_at):
+                    slot = self._renew(state, slot, now)
         else:
             lock.release()
             slot = self._acquire(state, self.timeout if timeout is None else timeout)
