@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from typing import Any
 
 from ._conn import Watcher
@@ -91,7 +90,6 @@ class State:
         # False once the pool is closed, and in a uWSGI master (which must
         # not keep connections): returned connections are then closed.
         self.accepting = not in_uwsgi_master()
-        self.started = time.monotonic()
         for name in COUNTERS:
             setattr(self, name, 0)
 
