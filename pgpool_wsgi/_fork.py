@@ -73,7 +73,7 @@ def _before() -> None:
         if state.pid != os.getpid() or not state.lock.acquire(blocking=False):
             continue
         try:
-            idle = pool._take_idle(state, len(state.idle))
+            idle = pool._take_idle(state, state.idle)
         finally:
             state.lock.release()
         for slot in idle:

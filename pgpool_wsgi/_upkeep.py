@@ -60,11 +60,9 @@ def top_up(pool: ConnectionPool, state: State) -> None:
             with state.lock:
                 state.add(slot)
                 if state.waiters:
-                    slot.out_since = slot.last_used
-                    state.checkouts += 1
-                    state.waiters.popleft().give(slot)
+                    pool._hand_over(state, slot, slot.last_used)
                 else:
-                    state.idle.insert(0, slot)
+                    state.idle.insert(0, slot)  # at the bottom: used connections stay on top
     finally:
         state.filling = False
 
@@ -79,7 +77,7 @@ _CAPACITY_SQL = (
 def check_capacity(pool: ConnectionPool, conn: Any) -> None:
     """After a process's first connect: can the server take all our processes' connections?
 
-    Warns once (from the master or first worker) when processes x max_size
+    Warns once (from the first worker) when processes x max_size
     exceeds what the server accepts. One round trip, once per process.
     """
     deployment = _deploy.worker_processes()
@@ -114,11 +112,7 @@ def drop_dead_idle(pool: ConnectionPool, state: State) -> None:
     if not dead:
         return
     with state.lock:
-        gone = [s for s in dead if s in state.idle]
-        for slot in gone:
-            state.idle.remove(slot)
-            state.remove(slot)
-        state.reserved -= len(gone)
+        gone = pool._take_idle(state, [s for s in dead if s in state.idle])
         state.discarded += len(gone)
         pool._hand_places(state)
     if gone:
@@ -135,7 +129,7 @@ def sweep_idle(pool: ConnectionPool, state: State, now: float) -> None:
             if now - slot.last_used < pool.max_idle or len(state.slots) - stale <= pool.min_size:
                 break
             stale += 1
-        taken = pool._take_idle(state, stale)
+        taken = pool._take_idle(state, state.idle[:stale])
         state.discarded += len(taken)
         pool._hand_places(state)
     for slot in taken:

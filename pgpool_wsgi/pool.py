@@ -109,9 +109,10 @@ class ConnectionPool:
         return _fork.process_state(self)
 
     @staticmethod
-    def _take_idle(state: State, count: int) -> list[Slot]:
-        # Under the lock: remove the ``count`` least recently used idle slots.
-        taken, state.idle = state.idle[:count], state.idle[count:]
+    def _take_idle(state: State, taken: list[Slot]) -> list[Slot]:
+        # Under the lock: take these idle slots out of the pool (the caller closes them).
+        gone = set(map(id, taken))
+        state.idle = [s for s in state.idle if id(s) not in gone]
         for slot in taken:
             state.remove(slot)
         state.reserved -= len(taken)
@@ -439,7 +440,7 @@ class ConnectionPool:
             return
         with state.lock:
             state.accepting = False
-            idle = self._take_idle(state, len(state.idle))
+            idle = self._take_idle(state, state.idle)
             while state.waiters:
                 state.waiters.popleft().give(CLOSED)
         for slot in idle:
