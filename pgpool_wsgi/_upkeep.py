@@ -14,7 +14,6 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-
 from . import _conn, _deploy
 from ._state import Slot, State
 
