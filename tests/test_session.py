@@ -435,3 +435,21 @@ def test_ping_through_the_pool_with_a_logging_connection(dsn):
     finally:
         pool.close()
     assert out.getvalue().count("SELECT 'mine'") == 3 and "SELECT 1" not in out.getvalue()
+
+
+def test_the_recipe_survives_an_ini_file(tmp_path, dsn, pg):
+    """PasteDeploy keeps a ';' inside a value: the README's ini line gives the two statements."""
+    from paste.deploy import loadapp
+
+    (tmp_path / "reset.ini").write_text(
+        "[filter-app:main]\nuse = egg:pgpool_wsgi#pgpool\nnext = inner\n"
+        f"dsn = {dsn}\nmax_size = 1\nreset_sql = {RECIPE}\n\n"
+        "[app:inner]\nuse = call:tests.pasteapp:app_factory\n")
+    middleware = loadapp("config:reset.ini", relative_to=str(tmp_path))
+    try:
+        assert middleware.pool.reset_sql == RECIPE
+        with middleware.pool.connection() as conn:
+            run(conn, "SELECT pg_advisory_lock(8)")
+        assert pg.execute("SELECT pg_try_advisory_lock(8)")[0][0] is True
+    finally:
+        middleware.pool.close()
