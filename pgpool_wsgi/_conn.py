@@ -245,6 +245,22 @@ def _restore_encoding(conn: Any, encoding: str) -> None:
             cur.execute("SET client_encoding TO %s", (encoding,))
 
 
+def untouched(conn: Any, session: Session) -> bool:
+    """May a returned connection skip :func:`reset`? Attribute reads only (the pool's fast path).
+
+    False when reset() has something to do: a transaction (two-phase ones
+    included: then psycopg2's status is not ready while the server's
+    transaction status reads idle), changed characteristics or client
+    encoding, notices or notifications to forget, or a DSN that wants a
+    writable server (reset() reads the server's read-only report).
+    """
+    return (not conn.get_transaction_status() and conn.status == _READY and not session.primary_only
+            and conn.autocommit is session.autocommit and conn.isolation_level == session.isolation_level
+            and conn.readonly == session.readonly and conn.deferrable == session.deferrable
+            and not conn.notices and not conn.notifies and conn.encoding == session.encoding)
+
+
+_READY = ext.STATUS_READY
 _BROKEN = (ext.TRANSACTION_STATUS_UNKNOWN, ext.TRANSACTION_STATUS_ACTIVE)
 _OPEN = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
 

@@ -324,6 +324,11 @@ def test_session_knows_whether_the_dsn_wants_a_primary(connect, dsn, attrs, prim
     assert _conn.Session(conn).primary_only is primary_only
 
 
+def test_session_reads_target_session_attrs_as_libpq_resolved_it(connect, dsn, monkeypatch):
+    monkeypatch.setenv("PGTARGETSESSIONATTRS", "read-write")
+    assert _conn.Session(connect(dsn)).primary_only is True
+
+
 @pytest.fixture
 def fence(pg: PgServer) -> Iterator[Callable[[], None]]:
     """fence() makes the session server read-only the way a failover tool does; undone after the test."""
@@ -453,3 +458,27 @@ def test_the_recipe_survives_an_ini_file(tmp_path, dsn, pg):
         assert pg.execute("SELECT pg_try_advisory_lock(8)")[0][0] is True
     finally:
         middleware.pool.close()
+
+
+# -- the pool's fast-path test (for pool.putconn) -------------------------------------------
+
+
+def test_untouched_is_false_whenever_reset_has_work(connect, dsn):
+    conn = connect()
+    session = _conn.Session(conn)
+    assert _conn.untouched(conn, session) is True
+    changes: list[Callable[[Any], Any]] = [
+        lambda c: run(c, "SELECT 1"),
+        lambda c: run(c, "DO $$BEGIN RAISE NOTICE 'x'; END$$") or c.commit(),
+        lambda c: setattr(c, "autocommit", True),
+        lambda c: c.set_session(readonly=True),
+        lambda c: c.set_client_encoding("LATIN1"),
+        failed_prepare,
+    ]
+    for change in changes:
+        change(conn)
+        assert _conn.untouched(conn, session) is False, change
+        assert _conn.reset(conn, session, None) is None
+        assert _conn.untouched(conn, session) is True
+    writable = connect(f"{dsn} target_session_attrs=read-write")
+    assert _conn.untouched(writable, _conn.Session(writable)) is False
