@@ -287,7 +287,7 @@ def reset(conn: Any, session: Session, reset_sql: str | None) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure: the connection is not fit
         return f"reset failed: {type(exc).__name__}"
     if session.primary_only and _reports_read_only(conn):
-        return "the server reports the session read-only, the DSN asks for target_session_attrs=read-write"
+        return "the server reports the session read-only; the DSN's target_session_attrs wants a writable one"
     # What the server said during this checkout is the last user's business.
     _clear(conn, "notices")
     _clear(conn, "notifies")
