@@ -3,6 +3,10 @@
 Unit tests call _conn.reset() directly (so they hold whichever way the pool
 decides to call it); the end-to-end tests go through PgPoolMiddleware with
 max_size=1, so every request gets the same server session.
+
+Tests marked FAST-PATH below return connections that look clean to a plain
+transaction-status test; they pass once pool.putconn's fast path skips
+connections for which _conn.untouched() is False.
 """
 
 from __future__ import annotations
@@ -120,8 +124,8 @@ def test_reset_keeps_a_users_notice_container(connect):
 
 
 @pytest.mark.parametrize(("transaction", "reset_sql"), [
-    ("manual", None), ("manual", "DISCARD ALL"), ("commit", None),
-    ("autocommit", None),  # returns on the fast path: needs the pool to clear there too (after merge)
+    ("manual", None), ("manual", "DISCARD ALL"),
+    ("commit", None), ("autocommit", None),  # FAST-PATH: committed, nothing to roll back
 ])
 def test_a_notice_never_reaches_the_next_request(mw, transaction, reset_sql):
     def first(conn: Any) -> None:
@@ -136,7 +140,7 @@ def test_a_notice_never_reaches_the_next_request(mw, transaction, reset_sql):
 
 @pytest.mark.parametrize("query_first", [
     True,
-    False,  # may return with nothing to roll back, on the fast path: needs the pool's check (after merge)
+    False,  # FAST-PATH: no query, nothing to roll back
 ])
 def test_notifies_do_not_grow_across_requests(mw, pg, query_first):
     def listen(conn: Any) -> None:
@@ -222,7 +226,7 @@ def test_reset_ends_a_failed_prepare(connect):
 @pytest.mark.parametrize("case", ["failed-prepare", "prepared"])
 def test_a_two_phase_leftover_does_not_poison_the_next_request(tpc_server, dsn, make_pool,
                                                                make_middleware, case):
-    """The leftover comes back with transaction status IDLE: the pool's fast path must not take it."""
+    """FAST-PATH: the leftover comes back with transaction status IDLE."""
     server_dsn = tpc_server.dsn() if case == "prepared" else dsn
     pool = make_pool(dsn=server_dsn, max_size=1)
     run_sql = psycopg2.connect(server_dsn)
@@ -258,7 +262,7 @@ def cafe_round_trip(conn: Any) -> tuple[str, str, int]:
         run(conn, "SELECT length(%s)", ("café",))
 
 
-@pytest.mark.parametrize("reset_sql", [None, "DISCARD ALL"])
+@pytest.mark.parametrize("reset_sql", [None, "DISCARD ALL"])  # None: FAST-PATH (autocommit mode)
 def test_client_encoding_is_restored_through_the_middleware(mw, reset_sql):
     def latin1(conn: Any) -> Any:
         conn.set_client_encoding("LATIN1")
