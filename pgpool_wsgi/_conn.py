@@ -261,6 +261,9 @@ def untouched(conn: Any, session: Session) -> bool:
 
 
 _READY = ext.STATUS_READY
+# reset()'s reason when the server turned read-only: the pool's other idle
+# connections (to the same server) have not heard yet, and each would fail a request.
+READ_ONLY = "the server reports the session read-only; the DSN's target_session_attrs wants a writable one"
 _BROKEN = (ext.TRANSACTION_STATUS_UNKNOWN, ext.TRANSACTION_STATUS_ACTIVE)
 _OPEN = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
 
@@ -287,7 +290,7 @@ def reset(conn: Any, session: Session, reset_sql: str | None) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure: the connection is not fit
         return f"reset failed: {type(exc).__name__}"
     if session.primary_only and _reports_read_only(conn):
-        return "the server reports the session read-only; the DSN's target_session_attrs wants a writable one"
+        return READ_ONLY
     # What the server said during this checkout is the last user's business.
     _clear(conn, "notices")
     _clear(conn, "notifies")
