@@ -161,6 +161,28 @@ def test_our_pool_errors_and_classless_driver_errors_do_not_break(error):
     assert _conn.is_broken_error(error) is False
 
 
+def test_a_pool_error_from_another_pool_keeps_the_connection(make_pool):
+    main = make_pool(max_size=1)
+    other = make_pool(dsn="host=127.0.0.1 port=1 dbname=x user=x", max_size=1, name="other")
+    with pytest.raises(PoolError) as info, main.connection() as conn:
+        backend = conn.info.backend_pid
+        other.getconn()  # refused: PoolError
+    assert _conn.is_broken_error(info.value) is False
+    assert main.stats()["discarded"] == 0
+    with main.connection() as conn:
+        assert conn.info.backend_pid == backend
+
+
+def test_an_interrupt_discards_the_connection(make_pool):
+    pool = make_pool(max_size=1)
+    with pytest.raises(KeyboardInterrupt), pool.connection() as conn:
+        backend = conn.info.backend_pid
+        raise KeyboardInterrupt
+    assert pool.stats()["discarded"] == 1
+    with pool.connection() as conn:
+        assert conn.info.backend_pid != backend
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), SystemExit(1), GeneratorExit()])
 def test_interrupting_exceptions_break_the_connection(error):
     assert _conn.is_broken_error(error) is True
@@ -207,12 +229,15 @@ def test_ping_works_on_an_uninitialised_logging_connection(connect):
 
 
 @pytest.mark.parametrize("autocommit", [False, True])
-def test_a_failed_ping_leaves_autocommit_alone(pg, connect, autocommit):
+def test_a_failed_internal_query_leaves_autocommit_alone(connect, autocommit):
+    """What ping, the capacity check and reset_sql share: autocommit restored, no transaction left."""
     conn = connect()
     conn.autocommit = autocommit
-    terminate(pg, conn)
-    assert _conn.ping(conn) is False
-    assert conn.autocommit is autocommit or conn.closed
+    with pytest.raises(psycopg2.Error), _conn.outside_transaction(conn) as cur:
+        cur.execute("SELECT no_such_function()")
+    assert conn.autocommit is autocommit and not conn.closed
+    assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
+    assert scalar(conn, "SELECT 4") == 4
 
 
 # -- check_capacity: never changes the connection, sees role/database limits (#11 item 2, #14 items 3, 8) --

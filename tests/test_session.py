@@ -143,9 +143,10 @@ def test_a_notice_never_reaches_the_next_request(mw, transaction, reset_sql):
     False,  # FAST-PATH: no query, nothing to roll back
 ])
 def test_notifies_do_not_grow_across_requests(mw, pg, query_first):
-    def listen(conn: Any) -> None:
+    def listen(conn: Any) -> int:
         run(conn, "LISTEN grow_test")
         conn.commit()
+        return int(conn.fileno())
 
     def receive(conn: Any) -> list[str]:
         if query_first:
@@ -157,10 +158,15 @@ def test_notifies_do_not_grow_across_requests(mw, pg, query_first):
         return [n.payload for n in conn.notifies]
 
     app = mw(Routes(listen=listen, receive=receive))
-    assert call(app, "/listen")[0] == "200 OK"
+    status, fd = call(app, "/listen")
+    assert status == "200 OK"
     bodies = []
     for i in range(3):
         pg.execute(f"NOTIFY grow_test, '{i}'")
+        deadline = time.monotonic() + 10
+        while not _conn._readable(int(fd)):  # delivered to the idle connection before its checkout
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         bodies.append(call(app, "/receive")[1])
     assert bodies == [b"['0']", b"['1']", b"['2']"]
 
