@@ -11,7 +11,7 @@ import os
 import select
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psycopg2
@@ -118,45 +118,96 @@ def examine(conn: Any) -> bool:
         fd = conn.fileno()
         if not _readable(fd):
             return True  # the look that sent us here is out of date
-        seen = len(conn.notices)
+        notices = conn.notices
+        last = _last(notices)
         conn.poll()
+        fatal = any(str(n).startswith("FATAL") for n in _added_since(notices, last))
     except (psycopg2.Error, OSError, ValueError):
         return False
-    if any(n.startswith("FATAL") for n in conn.notices[seen:]):
-        return False
-    return not conn.closed and not _readable(fd)
+    return not fatal and not conn.closed and not _readable(fd)
+
+
+def _last(notices: Any) -> Any:
+    try:
+        return notices[-1] if notices else None
+    except (TypeError, LookupError):
+        return None  # a user's notices object without indexing: see _added_since
+
+
+def _added_since(notices: Any, last: Any) -> list[Any]:
+    """The notices appended after ``last``, found by identity.
+
+    Not by count: psycopg2 trims a list to its last 50 notices (and a user's
+    deque has its own maxlen), so once full the length no longer grows.
+    """
+    added = []
+    try:
+        for notice in reversed(notices):
+            if notice is last:
+                break
+            added.append(notice)
+    except TypeError:
+        return []  # cannot tell: the end-of-file test in examine() still decides
+    return added
+
+
+@contextlib.contextmanager
+def outside_transaction(conn: Any) -> Iterator[Any]:
+    """A plain cursor in autocommit; autocommit is put back as it was, whatever happens.
+
+    The base class's cursor(): a ``cursor_factory`` (RealDictCursor...) or a
+    connection subclass (LoggingConnection, even before initialize()) would
+    change what our internal queries return, log them, or refuse them.
+    """
+    autocommit = conn.autocommit
+    try:
+        if not autocommit:
+            conn.autocommit = True
+        with ext.connection.cursor(conn, cursor_factory=ext.cursor) as cur:
+            yield cur
+    finally:
+        if conn.autocommit != autocommit and not conn.closed:
+            conn.autocommit = autocommit
 
 
 def ping(conn: Any) -> bool:
-    """One ``SELECT 1`` round trip, outside any transaction."""
-    autocommit = conn.autocommit
+    """One ``SELECT 1`` round trip, outside any transaction; the connection is left as it was."""
     try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
+        with outside_transaction(conn) as cur:
             cur.execute("SELECT 1")
-        conn.autocommit = autocommit
-    except (psycopg2.Error, OSError):
+    except Exception:  # noqa: BLE001 - whatever went wrong, the connection is not fit
         return False
     return True
 
 
 class Session:
-    """The session characteristics a returned connection is restored to."""
+    """The session characteristics a returned connection is restored to.
 
-    __slots__ = ("autocommit", "isolation_level", "readonly", "deferrable")
+    ``primary_only``: the DSN asks libpq for a writable server
+    (``target_session_attrs`` read-write or primary), so a connection whose
+    server now reports itself read-only must not be reused.
+    """
+
+    __slots__ = ("autocommit", "isolation_level", "readonly", "deferrable", "encoding", "reported_encoding",
+                 "primary_only")
 
     def __init__(self, conn: Any) -> None:
         self.autocommit = conn.autocommit
         self.isolation_level = conn.isolation_level
         self.readonly = conn.readonly
         self.deferrable = conn.deferrable
+        self.encoding: str = conn.encoding  # psycopg2's codec
+        self.reported_encoding: str | None = conn.get_parameter_status("client_encoding")  # the server's
+        attrs = conn.get_dsn_parameters().get("target_session_attrs")
+        self.primary_only = attrs in ("read-write", "primary")
 
     def restore(self, conn: Any) -> None:
         """Put back what the request changed.
 
         Usually no I/O (psycopg2 >= 2.7 applies these with the next BEGIN),
         but leaving autocommit after ``set_session()`` sends ``SET
-        default_transaction_* TO DEFAULT``: callers hold no lock here.
+        default_transaction_*`` and a changed client encoding sends ``SET
+        client_encoding``: callers hold no lock here.
         """
         if conn.autocommit != self.autocommit:
             conn.autocommit = self.autocommit
@@ -165,12 +216,54 @@ class Session:
             # psycopg2 reads None as "leave as is"; "DEFAULT" means the server's default.
             conn.set_session(isolation_level=_or_default(self.isolation_level),
                              readonly=_or_default(self.readonly), deferrable=_or_default(self.deferrable))
+        if (conn.encoding != self.encoding
+                or conn.get_parameter_status("client_encoding") != self.reported_encoding):
+            _restore_encoding(conn, self.encoding)
 
 
 def _or_default(value: Any) -> Any:
     return "DEFAULT" if value is None else value
 
 
+def _server_encoding(conn: Any) -> str:
+    # The server reports client_encoding (EUC_JP); psycopg2 names it without punctuation (EUCJP).
+    reported = conn.get_parameter_status("client_encoding") or ""
+    return "".join(c for c in reported if c.isalnum()).upper()
+
+
+def _restore_encoding(conn: Any, encoding: str) -> None:
+    """Make the server and psycopg2's codec agree on the session's encoding again.
+
+    They part when a request called set_client_encoding() and ``reset_sql``
+    (DISCARD ALL) then reset only the server, or when a request ran ``SET
+    client_encoding`` itself: text would be decoded wrongly, silently.
+    """
+    if conn.encoding != encoding:
+        conn.set_client_encoding(encoding)  # sends SET client_encoding, switches the codec
+    if _server_encoding(conn) != encoding:  # psycopg2 skips the SET when its codec matches already
+        with outside_transaction(conn) as cur:
+            cur.execute("SET client_encoding TO %s", (encoding,))
+
+
+def untouched(conn: Any, session: Session) -> bool:
+    """May a returned connection skip :func:`reset`? Attribute reads only (the pool's fast path).
+
+    False when reset() has something to do: a transaction (two-phase ones
+    included: then psycopg2's status is not ready while the server's
+    transaction status reads idle), changed characteristics or client
+    encoding, notices or notifications to forget, or a DSN that wants a
+    writable server (reset() reads the server's read-only report).
+    """
+    return (not conn.get_transaction_status() and conn.status == _READY and not session.primary_only
+            and conn.autocommit is session.autocommit and conn.isolation_level == session.isolation_level
+            and conn.readonly == session.readonly and conn.deferrable == session.deferrable
+            and not conn.notices and not conn.notifies and conn.encoding == session.encoding)
+
+
+_READY = ext.STATUS_READY
+# reset()'s reason when the server turned read-only: the pool's other idle
+# connections (to the same server) have not heard yet, and each would fail a request.
+READ_ONLY = "the server reports the session read-only; the DSN's target_session_attrs wants a writable one"
 _BROKEN = (ext.TRANSACTION_STATUS_UNKNOWN, ext.TRANSACTION_STATUS_ACTIVE)
 _OPEN = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
 
@@ -182,32 +275,69 @@ def reset(conn: Any, session: Session, reset_sql: str | None) -> str | None:
     """
     if conn.closed:
         return "closed"
-    status = conn.info.transaction_status
+    status = conn.get_transaction_status()  # not conn.info's: ten times dearer
     if status in _BROKEN:
         return "query still running" if status == ext.TRANSACTION_STATUS_ACTIVE else "connection lost"
     try:
-        if status in _OPEN:
-            conn.rollback()
+        # psycopg2's own status is not "ready" after tpc_begin()/tpc_prepare(),
+        # even a failed one, while the server's transaction status reads IDLE.
+        if status in _OPEN or conn.status != ext.STATUS_READY:
+            _rollback(conn)
         if reset_sql:
-            conn.autocommit = True
-            with conn.cursor() as cur:
+            with outside_transaction(conn) as cur:
                 cur.execute(reset_sql)
         session.restore(conn)
-    except (psycopg2.Error, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure: the connection is not fit
         return f"reset failed: {type(exc).__name__}"
+    if session.primary_only and _reports_read_only(conn):
+        return READ_ONLY
+    # What the server said during this checkout is the last user's business.
+    _clear(conn, "notices")
+    _clear(conn, "notifies")
     return None
 
 
-def is_broken_error(exc: BaseException) -> bool:
-    """Does this exception leave the connection unfit for reuse?
+def _rollback(conn: Any) -> None:
+    try:
+        conn.rollback()
+    except psycopg2.ProgrammingError:
+        # rollback() refuses a two-phase transaction (begun, or prepared):
+        # tpc_rollback() ends it, with ROLLBACK PREPARED if it was prepared.
+        conn.tpc_rollback()
 
-    A ``BaseException`` that is not an ``Exception`` (``GreenletExit``, a
-    timeout) may have interrupted a query; a psycopg2 error without SQLSTATE
-    came from the client or the transport, not from a statement.
+
+def _reports_read_only(conn: Any) -> bool:
+    """Has the server said (ParameterStatus, PostgreSQL 14+, no round trip) that it takes no writes?
+
+    A fenced primary (``default_transaction_read_only = on`` and a reload)
+    or a demoted one (``in_hot_standby``). The connection learns it with the
+    first statement it runs after the change.
     """
-    if not isinstance(exc, Exception):
-        return True
-    return isinstance(exc, psycopg2.Error) and exc.pgcode is None
+    parameter = conn.get_parameter_status
+    return bool(parameter("default_transaction_read_only") == "on" or parameter("in_hot_standby") == "on")
+
+
+def _clear(conn: Any, name: str) -> None:
+    messages = getattr(conn, name)
+    if messages:
+        try:
+            messages.clear()  # a list, or a deque the user put there: keep their object
+        except AttributeError:
+            setattr(conn, name, [])
+
+
+def is_broken_error(exc: BaseException) -> bool:
+    """Does this exception by itself make the connection unfit for reuse?
+
+    Only an interrupt: a ``BaseException`` that is not an ``Exception``
+    (``GreenletExit``, a gevent timeout, ``KeyboardInterrupt``) may have
+    stopped psycopg2 halfway through a query. Any other exception says
+    nothing about the connection (our own ``PoolError`` from another pool, a
+    driver error raised before anything was sent): what it left behind is
+    judged by :func:`reset` from the connection's own state (closed, status
+    unknown or active, a failed rollback).
+    """
+    return not isinstance(exc, Exception)
 
 
 def close(conn: Any) -> None:

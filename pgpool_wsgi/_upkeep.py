@@ -14,8 +14,6 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-import psycopg2
-
 from . import _conn, _deploy
 from ._state import Slot, State
 
@@ -67,37 +65,51 @@ def top_up(pool: ConnectionPool, state: State) -> None:
         state.filling = False
 
 
+# pg_settings, not two-argument current_setting(): that is missing before
+# PostgreSQL 9.6 and on several compatible servers. Superusers are held to
+# neither CONNECTION LIMIT (and may use superuser_reserved_connections, which
+# we leave out all the same, as a margin for the DBA).
 _CAPACITY_SQL = (
-    "SELECT current_setting('max_connections')::int"
-    " - current_setting('superuser_reserved_connections')::int"
-    " - COALESCE(current_setting('reserved_connections', true)::int, 0)"
+    "SELECT (SELECT sum(CASE WHEN name = 'max_connections' THEN 1 ELSE -1 END * setting::int)"
+    " FROM pg_settings WHERE name IN"
+    " ('max_connections', 'superuser_reserved_connections', 'reserved_connections')),"
+    " (SELECT CASE WHEN rolsuper THEN -1 ELSE rolconnlimit END FROM pg_roles WHERE rolname = session_user),"
+    " (SELECT CASE WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) THEN -1"
+    " ELSE datconnlimit END FROM pg_database WHERE datname = current_database()),"
+    " session_user, current_database()"
 )
 
 
 def check_capacity(pool: ConnectionPool, conn: Any) -> None:
     """After a process's first connect: can the server take all our processes' connections?
 
-    Warns once (from the first worker) when processes x max_size
-    exceeds what the server accepts. One round trip, once per process.
+    Warns once (from the first worker) when processes x max_size exceeds
+    what the server accepts, or the role's or database's CONNECTION LIMIT.
+    One round trip, once per process, on a plain cursor in autocommit; the
+    connection is left exactly as it was, whatever happens.
     """
     deployment = _deploy.worker_processes()
     server, processes = deployment if deployment else ("this process", 1)
     wanted = processes * pool.max_size
     try:
-        autocommit = conn.autocommit
-        conn.autocommit = True
-        with conn.cursor() as cur:
+        with _conn.outside_transaction(conn) as cur:
             cur.execute(_CAPACITY_SQL)
-            available = int(cur.fetchone()[0])
-        conn.autocommit = autocommit
-    except psycopg2.Error as exc:
+            available, role_limit, db_limit, role, dbname = cur.fetchone()
+        limits = [(int(available), "the server", "max_connections minus reserved")]
+    except Exception as exc:  # noqa: BLE001 - a check we cannot make is no reason to fail a request
         log.debug("%s: could not read max_connections: %s", pool.name, exc)
         return
-    if wanted > available and _deploy.is_first_process():
+    if role_limit is not None and role_limit >= 0:
+        limits.append((role_limit, f"role {role}", "its CONNECTION LIMIT"))
+    if db_limit is not None and db_limit >= 0:
+        limits.append((db_limit, f"database {dbname}", "its CONNECTION LIMIT"))
+    accepted, what, why = min(limits, key=lambda limit: limit[0])
+    if wanted > accepted and _deploy.is_first_process():
         who = f"{processes} {server} workers x max_size {pool.max_size}" if deployment else f"max_size {pool.max_size}"
-        log.warning("%s: this deployment may open %d connections (%s) but the server accepts %d "
-                    "(max_connections minus reserved); lower max_size or the worker count, or put "
-                    "PgBouncer in front (then set check_capacity = false)", pool.name, wanted, who, available)
+        log.warning("%s: this deployment may open %d connections (%s) but %s accepts %d "
+                    "(%s); lower max_size or the worker count, or put "
+                    "PgBouncer in front (then set check_capacity = false)", pool.name, wanted, who, what,
+                    accepted, why)
 
 
 def drop_dead_idle(pool: ConnectionPool, state: State) -> None:
