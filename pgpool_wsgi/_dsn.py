@@ -92,7 +92,7 @@ def check_values(params: Mapping[str, str], source: str) -> None:
             expected = "one of " + ", ".join(_CHOICES[key])
         elif key in _INTEGERS and not _int_ok(value):
             expected = f"an integer up to {_INT_MAX}"
-        elif key == "port" and not all(p == "" or _int_ok(p, 1) and int(p) <= 65535 for p in value.split(",")):
+        elif key == "port" and not all(p == "" or (_int_ok(p, 1) and int(p) <= 65535) for p in value.split(",")):
             expected = "a port number from 1 to 65535 (or a comma-separated list)"
         if expected is not None:
             raise ConfigError(f"{source}: {key}: got {mask(repr(value))}, expected {expected}")

@@ -32,15 +32,16 @@ _MISSING = object()
 
 
 def _is_option(key: str) -> bool:
-    name, dot, option = key.partition(".")
+    _, dot, option = key.partition(".")
     return key in BY_NAME or (bool(dot) and option in POOL_OPTIONS)
 
 
 def _our_sections(path: str, global_conf: Mapping[str, Any]) -> tuple[configparser.ConfigParser, list[str]]:
     """PasteDeploy's parser for the file, and its filter sections that use pgpool_wsgi."""
-    from paste.deploy.loadwsgi import NicerConfigParser
+    from paste.deploy.loadwsgi import NicerConfigParser  # type: ignore[import-untyped]
 
-    parser = NicerConfigParser(path, defaults={k: v for k, v in global_conf.items() if isinstance(v, str)})
+    defaults = {k: v for k, v in global_conf.items() if isinstance(v, str)}
+    parser: configparser.ConfigParser = NicerConfigParser(path, defaults=defaults)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # as PasteDeploy: keys keep their case
     with open(path) as f:
         parser.read_file(f)

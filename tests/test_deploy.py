@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.pgserver import PgServer, free_port
 from tests.loadgen import get
+from tests.pgserver import PgServer, free_port
 from tests.serverctl import running
 
 CHECKOUTS = 20  # tests/uwsgi_extras.py
