@@ -230,7 +230,8 @@ def _str(text: str) -> str:
 
 OPTIONS: tuple[Option, ...] = (
     Option("dsn", POOL, None, _dsn, parse_none, "string",
-           "libpq connection string or postgresql:// URL; unset: `DATABASE_URL`, then libpq's `PG*` variables"),
+           "libpq connection string or postgresql:// URL; unset: `DATABASE_URL`, then libpq's `PG*` variables "
+           "and service file (all read when a connection is opened)"),
     Option("min_size", POOL, 0, _integer(0), parse_int, "int",
            "connections each process keeps open once it has used the pool (opened in the background)"),
     Option("max_size", POOL, 10, _integer(1), parse_int, "int",
@@ -240,7 +241,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_waiting", POOL, 0, _integer(0), parse_int, "int",
            "refuse a checkout at once when this many are already waiting; 0 = no limit"),
     Option("connect_timeout", POOL, 5, _integer(1, 2**31 - 1), parse_int, "int seconds",
-           "libpq `connect_timeout` unless the DSN sets one (libpq waits at least 2 s)"),
+           "libpq `connect_timeout` unless the DSN, `connect_kwargs`, a service file or `PGCONNECT_TIMEOUT` "
+           "sets one (libpq waits at least 2 s; at most 2147483647)"),
     Option("max_lifetime", POOL, 3600.0, _seconds(), parse_seconds, "seconds",
            "replace a connection this old (minus up to 10% jitter); 0 = never"),
     Option("max_idle", POOL, 600.0, _seconds(), parse_seconds, "seconds",
