@@ -83,6 +83,12 @@ def shadowed(global_conf: Mapping[str, Any], local_conf: Mapping[str, Any]) -> d
     parser, sections = _our_sections(path, global_conf)
     # Our section is one whose own values are exactly what PasteDeploy handed us.
     sections = [s for s in sections if _holds(parser, s, local_conf)]
+    if not sections:
+        raise ConfigError(
+            f"{names[0]}: [DEFAULT] defines {', '.join(names)}, which PasteDeploy hides from a filter section "
+            f"that sets them too, and this filter's section is not in {path} to look: rename those "
+            "[DEFAULT] keys or give them the pgpool. prefix"
+        )
     found: dict[str, str] = {}
     for key in names:
         values = {s: _own_value(parser, s, key) for s in sections}

@@ -143,3 +143,12 @@ def test_percent_escapes_in_an_ini_url_are_doubled(pg):
             assert conn.get_dsn_parameters()["user"] == "app"
     finally:
         middleware.close()
+
+
+def test_shadowing_that_cannot_be_checked_is_an_error(tmp_path):
+    elsewhere = tmp_path / "other.ini"
+    elsewhere.write_text("[app:main]\nuse = call:tests.pasteapp:app_factory\n")
+    with pytest.raises(ConfigError, match=r"^timeout: \[DEFAULT\] defines timeout.*not in"):
+        filter_factory({"__file__": str(elsewhere), "here": str(tmp_path), "timeout": "60"}, max_size="2")
+    # Not from an ini file: global keys without the prefix are simply not ours.
+    assert filter_factory({"timeout": "60"}, max_size="2")(lambda e, s: []).pool.timeout == 30.0
