@@ -7,18 +7,22 @@ signal handlers). Returns None when the server does not say.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
 
 
 def in_uwsgi_master() -> bool:
-    """True in a uWSGI master process (it forks in C, without at-fork hooks)."""
+    """True in a uWSGI master process (it forks in C, without at-fork hooks).
+
+    By pid: mules and spoolers have ``worker_id() == 0`` too, but pool normally.
+    """
     uwsgi = sys.modules.get("uwsgi")
     if uwsgi is None:
         return False
     try:
-        return bool(uwsgi.masterpid()) and uwsgi.worker_id() == 0
+        return int(uwsgi.masterpid()) == os.getpid()
     except (AttributeError, TypeError, ValueError):  # a stub module or a uWSGI without workers
         return False
 

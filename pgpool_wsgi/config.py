@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import math
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,14 +53,21 @@ def _integer(low: int, high: int | None = None) -> Callable[[Any], int]:
     return check
 
 
+# A longer wait makes threading's waits raise OverflowError (and leave a ghost waiter).
+_SECONDS_MAX = threading.TIMEOUT_MAX
+
+
 def _seconds(low: float = 0.0, *, above: bool = False) -> Callable[[Any], float]:
-    expected = f"a number of seconds {'>' if above else '>='} {low:g}"
+    expected = f"a number of seconds {'>' if above else '>='} {low:g}, at most {_SECONDS_MAX:.0f}"
 
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Bad(expected)
-        number = float(value)
-        if math.isnan(number) or math.isinf(number) or number < low or (above and number == low):
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            raise _Bad(expected) from None
+        if not low <= number <= _SECONDS_MAX or (above and number == low):
             raise _Bad(expected)
         return number
 
@@ -134,17 +141,18 @@ _RESERVED_NAMES = {"conn", "handle"}
 
 
 def _pools(value: Any) -> dict[str, Any] | None:
-    expected = ("a dict of {name: ConnectionPool or dict of pool options}, names of lowercase "
-                "letters, digits and '_' (not 'conn' or 'handle')")
+    # Values may hold DSNs: the messages show names and types, never values.
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise _Bad(expected)
+        raise _Bad(f"a {type(value).__name__}; expected a dict of {{name: ConnectionPool or dict of pool options}}")
     for name, spec in value.items():
         if not isinstance(name, str) or not _POOL_NAME.fullmatch(name) or name in _RESERVED_NAMES:
-            raise _Bad(expected)
+            raise _Bad(f"a pool named {_dsn_module.mask(repr(name))}; expected a name of lowercase letters, "
+                       "digits and '_' (at most 31, not 'conn' or 'handle')")
         if not isinstance(spec, Mapping) and not hasattr(spec, "getconn"):
-            raise _Bad(expected)
+            raise _Bad(f"a {type(spec).__name__} for pool {name!r}; expected a ConnectionPool or a dict of "
+                       "pool options")
     return dict(value)
 
 
@@ -222,7 +230,8 @@ def _str(text: str) -> str:
 
 OPTIONS: tuple[Option, ...] = (
     Option("dsn", POOL, None, _dsn, parse_none, "string",
-           "libpq connection string or postgresql:// URL; unset: `DATABASE_URL`, then libpq's `PG*` variables"),
+           "libpq connection string or postgresql:// URL; unset: `DATABASE_URL`, then libpq's `PG*` variables "
+           "and service file (all read when a connection is opened)"),
     Option("min_size", POOL, 0, _integer(0), parse_int, "int",
            "connections each process keeps open once it has used the pool (opened in the background)"),
     Option("max_size", POOL, 10, _integer(1), parse_int, "int",
@@ -231,8 +240,9 @@ OPTIONS: tuple[Option, ...] = (
            "how long a checkout waits for a free connection before `PoolTimeout` (the middleware answers 503)"),
     Option("max_waiting", POOL, 0, _integer(0), parse_int, "int",
            "refuse a checkout at once when this many are already waiting; 0 = no limit"),
-    Option("connect_timeout", POOL, 5, _integer(1), parse_int, "int seconds",
-           "libpq `connect_timeout` unless the DSN sets one (libpq waits at least 2 s)"),
+    Option("connect_timeout", POOL, 5, _integer(1, 2**31 - 1), parse_int, "int seconds",
+           "libpq `connect_timeout` unless the DSN, `connect_kwargs`, a service file or `PGCONNECT_TIMEOUT` "
+           "sets one (libpq waits at least 2 s; at most 2147483647)"),
     Option("max_lifetime", POOL, 3600.0, _seconds(), parse_seconds, "seconds",
            "replace a connection this old (minus up to 10% jitter); 0 = never"),
     Option("max_idle", POOL, 600.0, _seconds(), parse_seconds, "seconds",
@@ -282,14 +292,21 @@ POOL_OPTIONS = frozenset(o.name for o in OPTIONS if o.scope == POOL)
 MIDDLEWARE_OPTIONS = frozenset(o.name for o in OPTIONS if o.scope == MIDDLEWARE)
 
 
-def _shown(name: str, value: Any) -> str:
-    return "(hidden)" if name == "dsn" else repr(value)
+_SECRET_BEARING = frozenset({"dsn", "pools", "connect_kwargs"})
+
+
+def _problem(name: str, value: Any, bad: _Bad) -> ConfigError:
+    """The message for a bad value: never the value of an option that may hold a DSN or a password."""
+    if name == "pools":
+        return ConfigError(f"{name}: got {bad}")
+    shown = f"a {type(value).__name__}" if name in _SECRET_BEARING else _dsn_module.mask(repr(value))
+    return ConfigError(f"{name}: got {shown}, expected {bad}")
 
 
 def _unknown(name: str, allowed: Iterable[str]) -> ConfigError:
     close = difflib.get_close_matches(name, sorted(allowed), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"{name}: unknown option{hint}")
+    return ConfigError(f"{_dsn_module.mask(name)}: unknown option{hint}")
 
 
 def validate(options: Mapping[str, Any], scopes: Iterable[str] = (POOL, MIDDLEWARE)) -> dict[str, Any]:
@@ -311,7 +328,7 @@ def validate(options: Mapping[str, Any], scopes: Iterable[str] = (POOL, MIDDLEWA
         try:
             result[option.name] = option.check(value)
         except _Bad as bad:
-            raise ConfigError(f"{option.name}: got {_shown(option.name, value)}, expected {bad}") from None
+            raise _problem(option.name, value, bad) from None
     if "min_size" in result and result["min_size"] > result["max_size"]:
         raise ConfigError(
             f"min_size: got {result['min_size']!r}, expected at most max_size ({result['max_size']!r})"
@@ -337,7 +354,7 @@ def from_strings(settings: Mapping[str, Any]) -> dict[str, Any]:
         try:
             converted[name] = option.parse(text)
         except _Bad as bad:
-            raise ConfigError(f"{name}: got {_shown(name, text)}, expected {bad}") from None
+            raise _problem(name, text, bad) from None
     return converted
 
 

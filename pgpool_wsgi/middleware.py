@@ -19,6 +19,9 @@ from .pool import ConnectionPool
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from typing_extensions import Unpack
+
+    from ._types import MiddlewareKwargs
 
 __all__ = ["CONN_KEY", "HANDLE_KEY", "PgPoolMiddleware", "RequestHandle"]
 
@@ -112,7 +115,8 @@ class PgPoolMiddleware:
                 cur.execute("SELECT 1")
     """
 
-    def __init__(self, app: WSGIApplication, pool: ConnectionPool | None = None, **options: Any) -> None:
+    def __init__(self, app: WSGIApplication, pool: ConnectionPool | None = None,
+                 **options: Unpack[MiddlewareKwargs]) -> None:
         own = validate(options)  # every name and value, before anything is built
         pool_options = {k: v for k, v in options.items() if k in POOL_OPTIONS}
         if pool is not None and pool_options:
@@ -229,7 +233,7 @@ class PgPoolMiddleware:
         return [_UNAVAILABLE_BODY]
 
     def _serve_stats(self, start_response: StartResponse) -> Iterable[bytes]:
-        stats = self.pool.stats()
+        stats: dict[str, Any] = dict(self.pool.stats())
         if self.pools:
             stats["pools"] = {name: pool.stats() for name, pool in self.pools.items()}
         body = json.dumps(stats, sort_keys=True).encode()

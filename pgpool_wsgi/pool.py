@@ -17,7 +17,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg2
 
@@ -26,6 +26,12 @@ from ._dsn import Target
 from ._state import CLOSED, CONNECT, Slot, State, Unused, Waiter
 from .config import POOL, validate
 from .errors import PoolClosed, PoolError, PoolTimeout
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection
+    from typing_extensions import Unpack
+
+    from ._types import PoolKwargs, PoolStats
 
 log = logging.getLogger("pgpool_wsgi")
 
@@ -61,7 +67,7 @@ class ConnectionPool:
                 cur.execute("SELECT 1")
     """
 
-    def __init__(self, dsn: str | None = None, **options: Any) -> None:
+    def __init__(self, dsn: str | None = None, **options: Unpack[PoolKwargs]) -> None:
         opts = validate({"dsn": dsn, **options} if dsn is not None else options, (POOL,))
         self.name: str = opts["name"]
         self.min_size: int = opts["min_size"]
@@ -120,7 +126,7 @@ class ConnectionPool:
 
     # -- checkout -------------------------------------------------------------
 
-    def getconn(self, timeout: float | None = None, *, label: object = None) -> Any:
+    def getconn(self, timeout: float | None = None, *, label: object = None) -> connection:
         """Check out a connection; wait up to ``timeout`` seconds (default: the pool's).
 
         ``label`` (e.g. ``"GET /path"``) names the holder in leak warnings.
@@ -152,7 +158,7 @@ class ConnectionPool:
         slot.label = label
         if now >= state.next_leak_scan:  # always, with leak_debug
             _upkeep.on_checkout(self, state, slot, now)
-        return slot.conn
+        return slot.conn  # type: ignore[no-any-return]  # Slot.conn is the driver object
 
     def _renew(self, state: State, slot: Slot, now: float) -> Slot:
         """An idle connection failed the fast test: keep it, or replace it (I/O, no lock)."""
@@ -419,7 +425,7 @@ class ConnectionPool:
 
     # -- introspection and shutdown -------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PoolStats:
         """Counters and gauges of this process (a child starts from zero)."""
         state = self._state
         if state.pid != _getpid():
@@ -427,9 +433,9 @@ class ConnectionPool:
         with state.lock:
             size, idle, waiting = len(state.slots), len(state.idle), len(state.waiters)
             counters = state.counters()
-        return {"name": self.name, "pid": state.pid, "min_size": self.min_size, "max_size": self.max_size,
-                "size": size, "idle": idle, "in_use": size - idle, "waiting": waiting,
-                **counters, "closed": self._closed}
+        return cast("PoolStats", {"name": self.name, "pid": state.pid, "min_size": self.min_size,
+                                  "max_size": self.max_size, "size": size, "idle": idle, "in_use": size - idle,
+                                  "waiting": waiting, **counters, "closed": self._closed})
 
     def close(self) -> None:
         """Close the idle connections; in-use ones are closed when returned."""

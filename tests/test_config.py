@@ -30,7 +30,16 @@ BAD_KWARGS = [
     pytest.param({"timeout": -1}, "timeout", "seconds >= 0", id="timeout-negative"),
     pytest.param({"timeout": float("nan")}, "timeout", "seconds", id="timeout-nan"),
     pytest.param({"timeout": "5"}, "timeout", "seconds", id="timeout-string"),
-    pytest.param({"connect_timeout": 0}, "connect_timeout", "integer >= 1", id="connect_timeout-zero"),
+    # threading.TIMEOUT_MAX: a longer wait raises OverflowError inside the wait.
+    pytest.param({"timeout": 1e10}, "timeout", "at most", id="timeout-above-TIMEOUT_MAX"),
+    pytest.param({"max_lifetime": 1e10}, "max_lifetime", "at most", id="max_lifetime-above-TIMEOUT_MAX"),
+    pytest.param({"max_idle": 1e300}, "max_idle", "at most", id="max_idle-huge"),
+    pytest.param({"ping_after": 1e10}, "ping_after", "at most", id="ping_after-huge"),
+    pytest.param({"leak_timeout": 1e10}, "leak_timeout", "at most", id="leak_timeout-huge"),
+    # libpq's own limit (INT_MAX): 2**31 built, then failed every connect.
+    pytest.param({"connect_timeout": 2**31}, "connect_timeout", "integer from 1 to 2147483647",
+                 id="connect_timeout-above-INT_MAX"),
+    pytest.param({"connect_timeout": 0}, "connect_timeout", "integer from 1", id="connect_timeout-zero"),
     pytest.param({"max_waiting": -2}, "max_waiting", "integer >= 0", id="max_waiting-negative"),
     pytest.param({"max_lifetime": -5}, "max_lifetime", "seconds", id="max_lifetime-negative"),
     pytest.param({"max_idle": "1h"}, "max_idle", "seconds", id="max_idle-string-in-python"),
@@ -58,6 +67,8 @@ BAD_INI = [
     pytest.param({"max_size": "0"}, "max_size", "got 0, expected an integer >= 1", id="ini-int-range"),
     pytest.param({"timeout": "5 parsecs"}, "timeout", "unit: ms, s, min or h", id="ini-unknown-unit"),
     pytest.param({"timeout": "-3s"}, "timeout", "expected a number of seconds", id="ini-negative-seconds"),
+    pytest.param({"timeout": "1e10"}, "timeout", "at most", id="ini-timeout-above-TIMEOUT_MAX"),
+    pytest.param({"connect_timeout": "2147483648"}, "connect_timeout", "to 2147483647", id="ini-connect_timeout-big"),
     pytest.param({"connect_kwargs": "{}"}, "connect_kwargs", "only be given from Python", id="ini-python-only"),
     pytest.param({"configure": "nosuchmodule_xyz:fn"}, "configure", "can be imported", id="ini-import-fails"),
     pytest.param({"configure": "os.path"}, "configure", "'package.module:function'", id="ini-no-colon"),
@@ -85,6 +96,17 @@ def test_bad_ini_settings_name_the_key(settings, key, expected):
     assert message.startswith(f"{key}: ")
     assert expected in message
     assert "hunter2" not in message
+
+
+def test_every_seconds_option_is_capped_at_timeout_max():
+    import threading
+
+    seconds = [o.name for o in config.OPTIONS if o.kind == "seconds"]
+    assert len(seconds) >= 5
+    for name in seconds:
+        assert config.validate({name: threading.TIMEOUT_MAX})[name] == threading.TIMEOUT_MAX
+        with pytest.raises(ConfigError, match=rf"^{name}: got .*at most"):
+            config.validate({name: threading.TIMEOUT_MAX * 2})
 
 
 def test_there_are_at_least_25_bad_configurations():

@@ -92,11 +92,63 @@ def test_named_pools_from_ini(pg):
                      id="bad-value"),
         pytest.param({"replica.transaction": "commit"}, "replica.transaction: unknown option",
                      id="middleware-option-in-a-pool"),
-        pytest.param({"Replica.dsn": "host=x"}, "pools: got", id="bad-name"),
-        pytest.param({"handle.dsn": "host=x"}, "pools: got", id="reserved-name"),
+        pytest.param({"Replica.dsn": "host=x"}, "Replica.dsn: 'Replica' is not a pool name", id="bad-name"),
+        pytest.param({"handle.dsn": "host=x"}, "handle.dsn: 'handle' is not a pool name", id="reserved-name"),
     ],
 )
 def test_named_pool_errors_name_the_key(settings, message):
     with pytest.raises(ConfigError) as info:
         filter_factory({}, **settings)
     assert str(info.value).startswith(message)
+
+
+# -- [DEFAULT] shadowing (#13.5) ---------------------------------------------------
+
+def test_section_keys_that_default_also_defines_still_win(dsn):
+    middleware = find_middleware(load("shadowed.ini", dsn))
+    try:
+        assert (middleware.pool.timeout, middleware.pool.max_size) == (2.0, 3)
+        with middleware.pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT current_setting('application_name')")
+            assert cur.fetchone()[0] == "web"
+    finally:
+        middleware.close()
+
+
+def test_section_key_referring_to_its_default_namesake_is_explained(dsn):
+    with pytest.raises(ConfigError) as info:
+        load("shadowed_self.ini", dsn)
+    message = str(info.value)
+    assert message.startswith("dsn: ") and "[filter:pgpool]" in message and "[DEFAULT]" in message, message
+
+
+def test_two_filters_shadowed_differently_is_an_error_not_a_guess(dsn):
+    with pytest.raises(ConfigError, match=r"^max_size: .*\[filter:first\].*\[filter:second\]"):
+        load("shadowed_two.ini", dsn)
+
+
+def test_default_keys_the_section_does_not_set_are_not_ours(dsn):
+    middleware = find_middleware(load("default_not_ours.ini", dsn))
+    assert middleware.pool.timeout == 30.0
+    middleware.close()
+
+
+def test_percent_escapes_in_an_ini_url_are_doubled(pg):
+    # configparser interpolation: "%40" must be written "%%40" (the README says so).
+    app = loadapp("config:percent_url.ini", relative_to=str(HERE), global_conf={"test_port": str(pg.port)})
+    middleware = find_middleware(app)
+    try:
+        assert "app@127.0.0.1" in repr(middleware.pool) and "pa@ss" not in repr(middleware.pool.target)
+        with middleware.pool.connection() as conn:
+            assert conn.get_dsn_parameters()["user"] == "app"
+    finally:
+        middleware.close()
+
+
+def test_shadowing_that_cannot_be_checked_is_an_error(tmp_path):
+    elsewhere = tmp_path / "other.ini"
+    elsewhere.write_text("[app:main]\nuse = call:tests.pasteapp:app_factory\n")
+    with pytest.raises(ConfigError, match=r"^timeout: \[DEFAULT\] defines timeout.*not in"):
+        filter_factory({"__file__": str(elsewhere), "here": str(tmp_path), "timeout": "60"}, max_size="2")
+    # Not from an ini file: global keys without the prefix are simply not ours.
+    assert filter_factory({"timeout": "60"}, max_size="2")(lambda e, s: []).pool.timeout == 30.0
