@@ -180,7 +180,7 @@ class Flow:
     """
 
     __slots__ = ("_held", "_hold", "_server_file_wrapper", "_start", "_write", "failed", "file_body",
-                 "handles", "out", "refusal", "sent", "status")
+                 "handles", "out", "refusal", "refused", "sent", "status")
 
     def __init__(self, handles: list[RequestHandle], start_response: StartResponse, hold: bool) -> None:
         self.handles = handles  # the ones this request owns and finishes
@@ -192,7 +192,8 @@ class Flow:
         self.sent = False  # the server has our status line (it goes out with the first chunk)
         self.out = False  # a non-empty chunk went to the server: the status is final
         self.failed: OptExcInfo | None = None  # the commit failed before the status went out
-        self.refusal: OptExcInfo | None = None  # the app answered 5xx after a pool error: a 503
+        self.refused = False  # the app answered 5xx after a pool error: we answer the 503
+        self.refusal: OptExcInfo | None = None  # the exc_info the app gave with that 5xx
         self.file_body: object = None  # what the server's wsgi.file_wrapper made in this request
         self.status = 200
 
@@ -211,6 +212,7 @@ class Flow:
                        exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
         if not self.out and status[:1] == "5" and self.pool_error() is not None:
             # A framework turned our PoolError into its own 500: answer the 503 instead.
+            self.refused = True
             self.refusal = exc_info
             return self.write
         code = int(status[:3])
@@ -226,7 +228,7 @@ class Flow:
 
     def write(self, data: bytes) -> None:
         """The app's write(): the first non-empty chunk commits (commit mode) and sends the status."""
-        if self.failed is not None or self.refusal is not None:
+        if self.failed is not None or self.refused:
             return  # a 500/503 replaces the app's response
         if not self.out:
             if not data:

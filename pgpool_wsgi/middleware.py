@@ -187,7 +187,7 @@ class PgPoolMiddleware:
             raise
         finally:
             ACTIVE.reset(token)
-        if flow.refusal is not None or flow.failed is not None:
+        if flow.refused or flow.failed is not None:
             return self._replace(environ, result, flow)
         if type(result) is list or type(result) is tuple or (flow.file_body is not None and result is flow.file_body):
             # Nothing left that needs the database: finish before the status line goes out.
