@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import logging
 import os
 import threading
@@ -148,7 +147,7 @@ def test_conn_key_is_removed_when_the_connection_goes_back(mw, mode):
     assert seen[-1] is None
     for handle in handles:  # never the old connection again
         with pytest.raises(PoolError, match="request finished"):
-            handle.conn
+            _ = handle.conn
     assert middleware.pool.stats()["in_use"] == 0
 
 
@@ -267,7 +266,7 @@ def _flask_app() -> flask.Flask:
     @app.route("/fallback")
     def fallback() -> str:
         try:
-            flask.request.environ["pgpool.replica"].conn
+            _ = flask.request.environ["pgpool.replica"].conn
         except PoolError:
             return "served without the replica"
         return "replica"
@@ -468,7 +467,7 @@ def test_refused_counts_per_process(mw):
         finally:
             os._exit(0)
     os.close(write)
-    with io.open(read, "rb") as pipe:
+    with open(read, "rb") as pipe:
         child_count = pipe.read()
     os.waitpid(pid, 0)
     assert child_count == b"0" and middleware.refused() == 2
