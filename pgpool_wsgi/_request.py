@@ -276,6 +276,11 @@ class Flow:
             self._server_file_wrapper = wrapper
             environ["wsgi.file_wrapper"] = self.file_wrapper
 
+    def unwatch_files(self, environ: WSGIEnvironment) -> None:
+        """Give the server its own wrapper back: gunicorn, for one, tests ``isinstance(result, it)``."""
+        if self._server_file_wrapper is not None and environ.get("wsgi.file_wrapper") == self.file_wrapper:
+            environ["wsgi.file_wrapper"] = self._server_file_wrapper
+
     def file_wrapper(self, filelike: Any, block_size: int = 8192) -> Any:
         wrapped = self._server_file_wrapper(filelike, block_size)
         self.file_body = wrapped

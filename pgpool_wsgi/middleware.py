@@ -168,13 +168,13 @@ class PgPoolMiddleware:
         if self._named_keys:
             self._add_named(environ, handles)
         flow = Flow(handles, start_response, self._hold)
-        flow.watch_files(environ)
         if self._eager:
             try:
                 environ[CONN_KEY] = handle._checkout()
             except PoolError as exc:
                 flow.finish(exc, succeeded=False)
                 return self._refuse(environ, start_response, exc, None)
+        flow.watch_files(environ)
         mine = {h.pool: h for h in handles}
         token = ACTIVE.set(mine if active is None else {**active, **mine})
         try:
@@ -187,6 +187,7 @@ class PgPoolMiddleware:
             raise
         finally:
             ACTIVE.reset(token)
+            flow.unwatch_files(environ)
         if flow.refused or flow.failed is not None:
             return self._replace(environ, result, flow)
         if type(result) is list or type(result) is tuple or (flow.file_body is not None and result is flow.file_body):

@@ -201,7 +201,9 @@ def test_file_wrapper_keeps_the_servers_object_and_the_connection_is_back(mw, tr
 
     middleware = mw(app, transaction=transaction)
     response = Response()
-    result = middleware(make_environ(), response.start_response)
+    environ = make_environ()
+    result = middleware(environ, response.start_response)
+    assert environ["wsgi.file_wrapper"] is wsgiref.util.FileWrapper  # gunicorn tests isinstance(result, it)
     # The server's own object, untouched, so it may sendfile() it; no database work is left for close().
     assert result is made[0] and type(result) is wsgiref.util.FileWrapper and result.close == made[1].close
     assert response.status == "200 OK"
