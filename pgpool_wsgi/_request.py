@@ -269,16 +269,14 @@ class Flow:
 
     # -- file bodies ---------------------------------------------------------------
 
-    def watch_files(self, environ: WSGIEnvironment) -> None:
-        """Record what the server's wsgi.file_wrapper makes (a class or, in uWSGI, a function)."""
-        wrapper = environ.get("wsgi.file_wrapper")
-        if wrapper is not None:
-            self._server_file_wrapper = wrapper
-            environ["wsgi.file_wrapper"] = self.file_wrapper
+    def watch_files(self, environ: WSGIEnvironment, wrapper: Any) -> None:
+        """Record what the server's wsgi.file_wrapper function (uWSGI's) makes during the app's call."""
+        self._server_file_wrapper = wrapper
+        environ["wsgi.file_wrapper"] = self.file_wrapper
 
     def unwatch_files(self, environ: WSGIEnvironment) -> None:
         """Give the server its own wrapper back: gunicorn, for one, tests ``isinstance(result, it)``."""
-        if self._server_file_wrapper is not None and environ.get("wsgi.file_wrapper") == self.file_wrapper:
+        if environ.get("wsgi.file_wrapper") == self.file_wrapper:
             environ["wsgi.file_wrapper"] = self._server_file_wrapper
 
     def file_wrapper(self, filelike: Any, block_size: int = 8192) -> Any:

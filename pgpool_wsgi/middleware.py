@@ -174,9 +174,14 @@ class PgPoolMiddleware:
             except PoolError as exc:
                 flow.finish(exc, succeeded=False)
                 return self._refuse(environ, start_response, exc, None)
-        flow.watch_files(environ)
-        mine = {h.pool: h for h in handles}
-        token = ACTIVE.set(mine if active is None else {**active, **mine})
+        # A server's file_wrapper class is recognised by isinstance(); a function
+        # (uWSGI's) is replaced for the app's call by one noting what it makes.
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        watching = file_wrapper is not None and not isinstance(file_wrapper, type)
+        if watching:
+            flow.watch_files(environ, file_wrapper)
+        token = ACTIVE.set({self.pool: handle} if len(handles) == 1 and active is None
+                           else {**(active or {}), **{h.pool: h for h in handles}})
         try:
             result = self.app(environ, flow.start_response)
         except PoolError as exc:
@@ -187,10 +192,13 @@ class PgPoolMiddleware:
             raise
         finally:
             ACTIVE.reset(token)
-            flow.unwatch_files(environ)
+            if watching:
+                flow.unwatch_files(environ)
         if flow.refused or flow.failed is not None:
             return self._replace(environ, result, flow)
-        if type(result) is list or type(result) is tuple or (flow.file_body is not None and result is flow.file_body):
+        if (type(result) is list or type(result) is tuple
+                or (result is flow.file_body if watching else file_wrapper is not None
+                    and isinstance(result, file_wrapper))):
             # Nothing left that needs the database: finish before the status line goes out.
             # A file body goes back to the server untouched (sendfile, uWSGI's offload).
             return self._finish_now(result, flow)
