@@ -250,7 +250,8 @@ class PgPoolMiddleware:
             return flow.commit_failed()
         error = flow.pool_error()
         assert error is not None
-        return self._refuse(environ, flow._start, error, flow.refusal if flow.sent else _exc_info(error))
+        # exc_info: the server may have the app's earlier status line (not sent: no chunk went out).
+        return self._refuse(environ, flow._start, error, flow.refusal or _exc_info(error))
 
     def _wrap(self, result: Iterable[bytes], flow: Flow, environ: WSGIEnvironment) -> Iterable[bytes]:
         if hasattr(type(result), "__len__"):

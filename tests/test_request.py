@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -472,3 +473,23 @@ def test_refused_counts_per_process(mw):
     os.waitpid(pid, 0)
     assert child_count == b"0" and middleware.refused() == 2
     middleware.pool.putconn(holder)
+
+
+def test_app_that_changes_its_status_to_500_after_a_pool_error_gets_the_503(mw, make_pool):
+    replica = make_pool(max_size=1, timeout=0.05, name="replica")
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            _ = environ["pgpool.replica"].conn
+        except PoolError:
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+            return [b"error page"]
+        return [b"ok"]
+
+    middleware = mw(validator(app), pools={"replica": replica})
+    holder = replica.getconn()
+    response, body = serve(validator(middleware))
+    assert response.status.startswith("503") and response.header("Retry-After") == "1" and b"503" in body
+    replica.putconn(holder)
+    assert serve(validator(middleware))[1] == b"ok" and middleware.refused() == 1
