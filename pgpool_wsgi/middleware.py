@@ -143,7 +143,6 @@ class PgPoolMiddleware:
         self._eager = self.checkout == "eager"
         self._named_keys = [(f"pgpool.{name}", p) for name, p in named.items()]
         self._throttle = _Throttle()
-        self._hold = self.transaction == "commit"  # the status line waits for the commit
 
     _refusals: list[Any] | None = None  # [pid, 503s answered, lock]: see refused()
 
@@ -167,7 +166,7 @@ class PgPoolMiddleware:
         handles = [handle]
         if self._named_keys:
             self._add_named(environ, handles)
-        flow = Flow(handles, start_response, self._hold)
+        flow = Flow(handles, start_response, hold=self.transaction == "commit")  # commit mode holds the status
         if self._eager:
             try:
                 environ[CONN_KEY] = handle._checkout()
