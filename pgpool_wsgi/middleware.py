@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import psycopg2
 
-from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Body, Flow, RequestHandle, SizedBody
+from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Active, Body, Flow, RequestHandle, SizedBody
 from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
 from .pool import ConnectionPool
@@ -173,19 +173,22 @@ class PgPoolMiddleware:
             except PoolError as exc:
                 flow.finish(exc, succeeded=False)
                 return self._refuse(environ, start_response, exc, None)
+        return self._run(environ, flow, active)
+
+    def _run(self, environ: WSGIEnvironment, flow: Flow, active: Active) -> Iterable[bytes]:
         # A server's file_wrapper class is recognised by isinstance(); a function
         # (uWSGI's) is replaced for the app's call by one noting what it makes.
         file_wrapper = environ.get("wsgi.file_wrapper")
         watching = file_wrapper is not None and not isinstance(file_wrapper, type)
         if watching:
             flow.watch_files(environ, file_wrapper)
-        token = ACTIVE.set({self.pool: handle} if len(handles) == 1 and active is None
-                           else {**(active or {}), **{h.pool: h for h in handles}})
+        mine = {h.pool: h for h in flow.handles}
+        token = ACTIVE.set(mine if active is None else {**active, **mine})
         try:
             result = self.app(environ, flow.start_response)
         except PoolError as exc:
             flow.finish(exc, succeeded=False)
-            return self._refuse(environ, start_response, exc, sys.exc_info())
+            return self._refuse(environ, flow._start, exc, sys.exc_info())
         except BaseException as exc:
             flow.finish(exc, succeeded=False)
             raise
