@@ -493,3 +493,26 @@ def test_app_that_changes_its_status_to_500_after_a_pool_error_gets_the_503(mw, 
     assert response.status.startswith("503") and response.header("Retry-After") == "1" and b"503" in body
     replica.putconn(holder)
     assert serve(validator(middleware))[1] == b"ok" and middleware.refused() == 1
+
+
+@pytest.mark.parametrize(("read", "expect"), [(None, ["after", "before"]), (1, ["before"])])
+def test_commit_mode_commits_at_the_first_chunk_and_again_at_a_complete_end(mw, rows, read, expect):
+    seen: list[list[str]] = []
+
+    def app(environ, start_response):
+        conn = environ["pgpool.conn"]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body():
+            insert(conn, "req_rows", "before")
+            yield b"a"
+            seen.append(rows())  # another session already sees the first part: committed with the first chunk
+            insert(conn, "req_rows", "after")
+            yield b"b"
+
+        return body()
+
+    middleware = mw(validator(app), transaction="commit")
+    serve(validator(middleware), read=read)
+    assert seen == [["before"]] and rows() == expect  # work after the first chunk: committed only if the body completed
+    assert middleware.pool.stats()["in_use"] == 0
