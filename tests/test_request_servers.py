@@ -112,6 +112,7 @@ def test_waitress_returns_a_downloads_connection_on_its_worker_thread(pg, tmp_pa
     with _serve("waitress", pg, tmp_path) as server:
         got = _slow_download(server.port, f"/file?path={big_file}", pause=1.0)
         assert got == FILE_SIZE
+        assert fetch(HOST, server.port, "/stream?when=late")[2] == b"first chunk\n1"  # a generator body too
         threads = _observed(server.port)["putconn_threads"]
         assert threads and all(str(name).startswith("waitress-") for name in threads), threads  # type: ignore[union-attr]
 
