@@ -2,40 +2,67 @@
 
 The flow of one request: check out (eager) -> call the app -> hand the body
 to the server -> the server calls ``close()`` -> end the transaction as the
-mode says -> give the connection back (the pool resets it) -> idle.
+mode says -> give the connection back (the pool resets it) -> idle. A body
+that needs no connection (a list, the server's file wrapper) is finished
+before the middleware returns it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import sys
+import threading
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import psycopg2
 
-from . import _conn
+from .errors import PoolError
 from .pool import ConnectionPool
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import WSGIEnvironment
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 log = logging.getLogger("pgpool_wsgi")
 
 CONN_KEY = "pgpool.conn"
 HANDLE_KEY = "pgpool.handle"
+COMMIT_FAILED_BODY = b"500 Internal Server Error: the transaction could not be committed\n"
+COMMIT_FAILED_HEADERS = [("Content-Type", "text/plain; charset=utf-8"),
+                         ("Content-Length", str(len(COMMIT_FAILED_BODY)))]
+
+# The handles of the requests being served in this thread / greenlet, by pool,
+# while their app runs: a sub-request (webob's Request.blank(...).get_response)
+# builds a new environ, but it runs in the same context and reuses them.
+Active = Optional[dict[ConnectionPool, "RequestHandle"]]
+ACTIVE: contextvars.ContextVar[Active] = contextvars.ContextVar("pgpool_wsgi.active", default=None)
+
+
+def interrupted(exc: BaseException | None) -> bool:
+    """Was a query perhaps cut off mid-way (gevent Timeout, GreenletExit, KeyboardInterrupt)?
+
+    Only such exceptions make a connection suspect by themselves; anything
+    else is judged from the connection's own state when the pool resets it.
+    """
+    return exc is not None and not isinstance(exc, Exception)
 
 
 class RequestHandle:
     """A request's claim on a pooled connection: ``environ["pgpool.handle"]``.
 
-    ``handle.conn`` is the connection (checked out on first use in lazy mode);
+    ``handle.conn`` is the connection (checked out on first use in lazy mode;
+    safe to ask from several threads: they share one checkout).
     ``handle.release()`` ends the transaction as a successful request would
-    and hands the connection back early, e.g. before streaming a file.
+    and hands the connection back early; a later ``handle.conn`` checks out
+    again, and that connection goes back when the request ends. Once the
+    request has ended, ``handle.conn`` raises :class:`PoolError`.
     Named pools get a handle each: ``environ["pgpool.<name>"]``, always lazy.
     """
 
-    __slots__ = ("_conn", "_conn_key", "_environ", "_mode", "_pool", "status")
+    __slots__ = ("_conn", "_conn_key", "_environ", "_finished", "_lock", "_mode", "_pool", "pool_error", "status")
 
     def __init__(self, pool: ConnectionPool, mode: str, environ: WSGIEnvironment,
                  conn_key: str | None = CONN_KEY) -> None:
@@ -46,6 +73,10 @@ class RequestHandle:
         self._environ: WSGIEnvironment | None = environ
         self._conn_key = conn_key
         self._conn: Any = None
+        # Made here, inside the request, so it is gevent's lock under gevent.
+        self._lock = threading.Lock()
+        self._finished = False
+        self.pool_error: PoolError | None = None  # the last checkout failure, for the 503
         self.status = 200
 
     def __str__(self) -> str:
@@ -60,68 +91,200 @@ class RequestHandle:
         return self._pool
 
     @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
     def conn(self) -> Any:
         """The request's connection; checked out now if it has none."""
-        if self._conn is None:
-            self._checkout()
-        return self._conn
+        conn = self._conn
+        if conn is not None:
+            return conn
+        return self._checkout()
 
     def _checkout(self) -> Any:
-        conn = self._pool.getconn(label=self)
-        if self._mode == "autocommit" and not conn.autocommit:
-            conn.autocommit = True
-        self._conn = conn
-        return conn
+        with self._lock:  # two threads asking at once share one checkout
+            if self._finished:
+                raise PoolError(f"request finished: {self._pool.name!r} connections go back when the response "
+                                "is done; a handle cannot check out after that")
+            conn = self._conn
+            if conn is not None:
+                return conn
+            try:
+                conn = self._pool.getconn(label=self)
+            except PoolError as exc:
+                self.pool_error = exc
+                raise
+            # The mode decides, whatever the pool's resting state; the pool's
+            # reset puts its own state back when the connection returns.
+            autocommit = self._mode == "autocommit"
+            try:
+                if conn.autocommit is not autocommit:
+                    conn.autocommit = autocommit
+            except BaseException:
+                self._pool.putconn(conn, discard=True)
+                raise
+            self._conn = conn
+            return conn
 
     def release(self) -> None:
         """End the transaction as at a successful end of the request; give the connection back."""
-        if self._conn_key is not None and self._environ is not None:
-            self._environ.pop(self._conn_key, None)
-        self._give_back(None, succeeded=True)
+        self._give_back(None, succeeded=True, finish=False)
 
     def finish(self, exc: BaseException | None, *, succeeded: bool) -> None:
         """The request is over: end the transaction as the mode says, return the connection."""
         try:
-            self._give_back(exc, succeeded=succeeded)
+            self._give_back(exc, succeeded=succeeded, finish=True)
         finally:
             self._environ = None
 
-    def _give_back(self, exc: BaseException | None, *, succeeded: bool) -> None:
+    def commit(self) -> None:
+        """Commit now (commit mode, before the status line goes out); keep the connection."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                conn.commit()
+            except psycopg2.Error:
+                log.exception("%s: commit failed", str(self))
+                raise
+
+    def _give_back(self, exc: BaseException | None, *, succeeded: bool, finish: bool) -> None:
         # Commit (commit mode, success) and return the connection; at most once.
-        conn, self._conn = self._conn, None
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if finish:
+                self._finished = True
         if conn is None:
             return
-        discard = exc is not None and _conn.is_broken_error(exc)
+        environ = self._environ
+        if self._conn_key is not None and environ is not None and environ.get(self._conn_key) is conn:
+            # Never left pointing at a connection another request may hold.
+            del environ[self._conn_key]
         if self._mode == "commit" and succeeded and exc is None and self.status < 400 and not conn.closed:
             try:
                 conn.commit()
             except BaseException as err:
                 log.exception("%s: commit failed", str(self))
-                self._pool.putconn(conn, discard=_conn.is_broken_error(err))
+                self._pool.putconn(conn, discard=interrupted(err))
                 raise
-        self._pool.putconn(conn, discard=discard)
+        self._pool.putconn(conn, discard=interrupted(exc))
 
 
-class HandleGroup:
-    """The request's main handle plus one per named pool, finished together."""
+class Flow:
+    """One request through the middleware: its handles, its status line, its body.
 
-    __slots__ = ("_mode", "handles")
+    The app gets :meth:`start_response`. In commit mode (``hold``) the status
+    line waits until the transaction is committed, that is until the first
+    non-empty chunk or the end of the body, so a failed commit can still
+    become a 500 (PEP 3333 lets a middleware hold it that long).
+    """
 
-    def __init__(self, handles: list[RequestHandle], mode: str) -> None:
-        self.handles = handles
-        self._mode = mode
+    __slots__ = ("_held", "_hold", "_server_file_wrapper", "_start", "_write", "failed", "file_body",
+                 "handles", "out", "refusal", "refused", "sent", "status")
+
+    def __init__(self, handles: list[RequestHandle], start_response: StartResponse, hold: bool) -> None:
+        self.handles = handles  # the ones this request owns and finishes
+        self._start = start_response
+        self._hold = hold
+        self._held: tuple[str, list[tuple[str, str]], OptExcInfo | None] | None = None
+        self._write: Callable[[bytes], object] | None = None
+        self._server_file_wrapper: Any = None
+        self.sent = False  # the server has our status line (it goes out with the first chunk)
+        self.out = False  # a non-empty chunk went to the server: the status is final
+        self.failed: OptExcInfo | None = None  # the commit failed before the status went out
+        self.refused = False  # the app answered 5xx after a pool error: we answer the 503
+        self.refusal: OptExcInfo | None = None  # the exc_info the app gave with that 5xx
+        self.file_body: object = None  # what the server's wsgi.file_wrapper made in this request
+        self.status = 200
 
     def __str__(self) -> str:
-        return str(self.handles[0])
+        return str(self.handles[0]) if self.handles else "a nested request"
 
-    @property
-    def status(self) -> int:
-        return self.handles[0].status
-
-    @status.setter
-    def status(self, value: int) -> None:
+    def pool_error(self) -> PoolError | None:
         for handle in self.handles:
-            handle.status = value
+            if handle.pool_error is not None:
+                return handle.pool_error
+        return None
+
+    # -- the status line ---------------------------------------------------------
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
+        if not self.out and status[:1] == "5" and self.pool_error() is not None:
+            # A framework turned our PoolError into its own 500: answer the 503 instead.
+            self.refused = True
+            self.refusal = exc_info
+            return self.write
+        code = int(status[:3])
+        self.status = code
+        for handle in self.handles:
+            handle.status = code
+        if self._hold and not self.sent:
+            self._held = (status, headers, exc_info)
+        else:
+            self.sent = True
+            self._write = self._start(status, headers, exc_info)
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The app's write(): the first non-empty chunk commits (commit mode) and sends the status."""
+        if self.failed is not None or self.refused:
+            return  # a 500/503 replaces the app's response
+        if not self.out:
+            if not data:
+                return
+            if not self.open():
+                return
+            self.out = True
+        assert self._write is not None
+        self._write(data)
+
+    def open(self) -> bool:
+        """Send the held status line, committing first in commit mode; False if the commit failed."""
+        if self.sent:
+            return True
+        if self.status < 400:
+            try:
+                for handle in self.handles:
+                    handle.commit()
+            except psycopg2.Error:
+                self.failed = sys.exc_info()
+                return False
+        self.forward()
+        return True
+
+    def forward(self) -> None:
+        """Give the server the app's (held) status line."""
+        held, self._held = self._held, None
+        if held is not None and not self.sent:
+            self.sent = True
+            self._write = self._start(*held)
+
+    def commit_failed(self) -> list[bytes]:
+        """Answer 500: the status line has not gone out."""
+        self._held = None
+        self.sent = True
+        self._start("500 Internal Server Error", list(COMMIT_FAILED_HEADERS), self.failed)
+        return [COMMIT_FAILED_BODY]
+
+    # -- file bodies ---------------------------------------------------------------
+
+    def watch_files(self, environ: WSGIEnvironment, wrapper: Any) -> None:
+        """Record what the server's wsgi.file_wrapper function (uWSGI's) makes during the app's call."""
+        self._server_file_wrapper = wrapper
+        environ["wsgi.file_wrapper"] = self.file_wrapper
+
+    def unwatch_files(self, environ: WSGIEnvironment) -> None:
+        """Give the server its own wrapper back: gunicorn, for one, tests ``isinstance(result, it)``."""
+        if environ.get("wsgi.file_wrapper") == self.file_wrapper:
+            environ["wsgi.file_wrapper"] = self._server_file_wrapper
+
+    def file_wrapper(self, filelike: Any, block_size: int = 8192) -> Any:
+        wrapped = self._server_file_wrapper(filelike, block_size)
+        self.file_body = wrapped
+        return wrapped
+
+    # -- the end -----------------------------------------------------------------
 
     def finish(self, exc: BaseException | None, *, succeeded: bool) -> None:
         # Every connection goes back even if one commit fails; the first failure is raised.
@@ -135,28 +298,43 @@ class HandleGroup:
             raise failure
 
 
-Finisher = Union[RequestHandle, HandleGroup]
-
-
 class Body:
     """The app's body iterable, returning the connections when the server closes it."""
 
-    __slots__ = ("_result", "_handle", "_done")
+    __slots__ = ("_done", "_environ", "_flow", "_on_pool_error", "_result")
 
-    def __init__(self, result: Iterable[bytes], handle: Finisher) -> None:
+    def __init__(self, result: Iterable[bytes], flow: Flow, environ: WSGIEnvironment,
+                 on_pool_error: Callable[[WSGIEnvironment, Flow, PoolError], Iterable[bytes]]) -> None:
         self._result = result
-        self._handle = handle
+        self._flow = flow
+        self._environ = environ  # for the log line of a 503 (environ does not refer to us)
+        self._on_pool_error = on_pool_error
         self._done = False
 
     def __iter__(self) -> Iterator[bytes]:
-        if self._handle._mode != "commit":
-            return iter(self._result)
-        return self._watch()
+        return self._stream()
 
-    def _watch(self) -> Iterator[bytes]:
-        # Commit mode needs to know whether the body was produced in full.
-        yield from self._result
+    def _stream(self) -> Iterator[bytes]:
+        flow = self._flow
+        try:
+            for chunk in self._result:
+                if not flow.out:
+                    # Leading empty chunks are not passed on: some servers
+                    # (gunicorn) send the status line on any chunk.
+                    if not chunk:
+                        continue
+                    if not flow.open():
+                        yield from flow.commit_failed()
+                        return
+                    flow.out = True
+                yield chunk
+        except PoolError as exc:
+            # A lazy checkout failed while the body was being produced.
+            yield from self._on_pool_error(self._environ, flow, exc)
+            return
         self._done = True
+        if not flow.out and not flow.open():
+            yield from flow.commit_failed()
 
     def close(self) -> None:
         try:
@@ -164,9 +342,17 @@ class Body:
             if close is not None:
                 close()
         except BaseException as exc:
-            self._handle.finish(exc, succeeded=False)
+            self._flow.finish(exc, succeeded=False)
             raise
-        succeeded = self._done or self._handle._mode != "commit"
-        # A failed commit is logged by the handle; the headers are gone already.
+        # A failed commit is logged by the handle; the status line is out already.
         with contextlib.suppress(psycopg2.Error):
-            self._handle.finish(None, succeeded=succeeded)
+            self._flow.finish(None, succeeded=self._done)
+
+
+class SizedBody(Body):
+    """A Body whose inner iterable has a length: servers (waitress) use it for Content-Length."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._result)  # type: ignore[arg-type]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg2
 
-from ._request import CONN_KEY, HANDLE_KEY, Body, Finisher, HandleGroup, RequestHandle
+from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Active, Body, Flow, RequestHandle, SizedBody
 from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
 from .pool import ConnectionPool
@@ -28,7 +30,6 @@ __all__ = ["CONN_KEY", "HANDLE_KEY", "PgPoolMiddleware", "RequestHandle"]
 log = logging.getLogger("pgpool_wsgi")
 
 _UNAVAILABLE_BODY = b"503 Service Unavailable: no database connection available, retry later\n"
-_COMMIT_FAILED_BODY = b"500 Internal Server Error: the transaction could not be committed\n"
 
 
 class _Throttle:
@@ -91,6 +92,16 @@ def _named_pools(spec: Mapping[str, Any] | None, transaction: str) -> dict[str, 
     return pools
 
 
+def _close(result: Iterable[bytes]) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
+
+
+def _exc_info(exc: BaseException) -> OptExcInfo:
+    return cast("OptExcInfo", (type(exc), exc, exc.__traceback__))
+
+
 class PgPoolMiddleware:
     """WSGI middleware giving each request a pooled psycopg2 connection.
 
@@ -137,6 +148,8 @@ class PgPoolMiddleware:
         self._named_keys = [(f"pgpool.{name}", p) for name, p in named.items()]
         self._throttle = _Throttle()
 
+    _refusals: list[Any] | None = None  # [pid, 503s answered, lock]: see refused()
+
     def __repr__(self) -> str:
         return f"<PgPoolMiddleware {self.transaction}/{self.checkout} {self.pool!r}>"
 
@@ -146,79 +159,133 @@ class PgPoolMiddleware:
             return self._serve_stats(start_response)
         if self.exclude_paths and path.startswith(self.exclude_paths):
             return self.app(environ, start_response)
+        active = ACTIVE.get()
+        outer = environ.get(HANDLE_KEY)
+        if active is not None and self.pool in active:
+            return self._nested(environ, start_response, active)
+        if isinstance(outer, RequestHandle) and outer.pool is self.pool and not outer.finished:
+            return self._nested(environ, start_response, {self.pool: outer})
         handle = RequestHandle(self.pool, self.transaction, environ)
         environ[HANDLE_KEY] = handle
-        finisher: Finisher = handle
+        handles = [handle]
         if self._named_keys:
-            finisher = self._add_named(environ, handle)
+            self._add_named(environ, handles)
+        flow = Flow(handles, start_response, hold=self.transaction == "commit")  # commit mode holds the status
         if self._eager:
             try:
                 environ[CONN_KEY] = handle._checkout()
             except PoolError as exc:
-                return self._unavailable(environ, start_response, exc, None)
-        if self.transaction == "commit":
-            start_response = self._status_recorder(finisher, start_response)
-        try:
-            result = self.app(environ, start_response)
-        except PoolError as exc:
-            finisher.finish(exc, succeeded=False)
-            return self._unavailable(environ, start_response, exc, sys.exc_info())
-        except BaseException as exc:
-            finisher.finish(exc, succeeded=False)
-            raise
-        if type(result) is list or type(result) is tuple:
-            # The body exists already: finish now, before the status line goes out.
-            return self._finish_now(result, finisher, start_response)
-        return self._wrap(result, finisher, environ)
+                flow.finish(exc, succeeded=False)
+                return self._refuse(environ, start_response, exc, None)
+        return self._run(environ, flow, active)
 
-    def _add_named(self, environ: WSGIEnvironment, handle: RequestHandle) -> HandleGroup:
-        handles = [handle]
+    def _run(self, environ: WSGIEnvironment, flow: Flow, active: Active) -> Iterable[bytes]:
+        # A server's file_wrapper class is recognised by isinstance(); a function
+        # (uWSGI's) is replaced for the app's call by one noting what it makes.
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        watching = file_wrapper is not None and not isinstance(file_wrapper, type)
+        if watching:
+            flow.watch_files(environ, file_wrapper)
+        mine = {h.pool: h for h in flow.handles}
+        token = ACTIVE.set(mine if active is None else {**active, **mine})
+        try:
+            result = self.app(environ, flow.start_response)
+        except PoolError as exc:
+            flow.finish(exc, succeeded=False)
+            return self._refuse(environ, flow._start, exc, sys.exc_info())
+        except BaseException as exc:
+            flow.finish(exc, succeeded=False)
+            raise
+        finally:
+            ACTIVE.reset(token)
+            if watching:
+                flow.unwatch_files(environ)
+        if flow.refused or flow.failed is not None:
+            return self._replace(environ, result, flow)
+        if (type(result) is list or type(result) is tuple
+                or (result is flow.file_body if watching else file_wrapper is not None
+                    and isinstance(result, file_wrapper))):
+            # Nothing left that needs the database: finish before the status line goes out.
+            # A file body goes back to the server untouched (sendfile, uWSGI's offload).
+            return self._finish_now(result, flow)
+        return self._wrap(result, flow, environ)
+
+    def _nested(self, environ: WSGIEnvironment, start_response: StartResponse,
+                active: dict[ConnectionPool, RequestHandle]) -> Iterable[bytes]:
+        # Inside a request that already holds a handle for our pool (nested
+        # middleware, a sub-request): reuse the outer request's handles; the
+        # outer request ends their transactions and returns their connections.
+        handle = active[self.pool]
+        environ[HANDLE_KEY] = handle
+        for key, pool in self._named_keys:
+            if pool in active:
+                environ[key] = active[pool]
+        if self._eager:
+            try:
+                environ[CONN_KEY] = handle.conn
+            except PoolError as exc:
+                return self._refuse(environ, start_response, exc, None)
+        return self.app(environ, start_response)
+
+    def _add_named(self, environ: WSGIEnvironment, handles: list[RequestHandle]) -> None:
         for key, pool in self._named_keys:
             named = RequestHandle(pool, self.transaction, environ, conn_key=None)
             environ[key] = named
             handles.append(named)
-        return HandleGroup(handles, self.transaction)
 
-    @staticmethod
-    def _status_recorder(handle: Finisher, start_response: StartResponse) -> StartResponse:
-        def recording(status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None) -> Any:
-            handle.status = int(status[:3])
-            return start_response(status, headers, exc_info)
-
-        return recording
-
-    def _finish_now(self, result: Iterable[bytes], handle: Finisher,
-                    start_response: StartResponse) -> Iterable[bytes]:
+    def _finish_now(self, result: Iterable[bytes], flow: Flow) -> Iterable[bytes]:
         try:
-            handle.finish(None, succeeded=True)
-        except psycopg2.Error:  # logged by the handle; the status line has not gone out: a 500
-            start_response("500 Internal Server Error",
-                           [("Content-Type", "text/plain; charset=utf-8"),
-                            ("Content-Length", str(len(_COMMIT_FAILED_BODY)))], sys.exc_info())
-            return [_COMMIT_FAILED_BODY]
+            flow.finish(None, succeeded=True)
+        except psycopg2.Error:  # logged by the handle
+            if flow.out:
+                return result  # the status line went out with an earlier write(): too late for a 500
+            flow.failed = sys.exc_info()
+            _close(result)
+            return flow.commit_failed()
+        flow.forward()
         return result
 
-    @staticmethod
-    def _wrap(result: Iterable[bytes], handle: Finisher, environ: WSGIEnvironment) -> Iterable[bytes]:
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if handle._mode != "commit" and isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
-            # Keep the server's own type so it can still use sendfile().
-            inner: Callable[[], object] | None = getattr(result, "close", None)
+    def _replace(self, environ: WSGIEnvironment, result: Iterable[bytes], flow: Flow) -> Iterable[bytes]:
+        # The app's response is not sent: its commit failed (in write()) or it
+        # answered 5xx after a pool error. Nothing of it has gone out.
+        try:
+            _close(result)
+        finally:
+            flow.finish(None, succeeded=False)
+        if flow.failed is not None:
+            return flow.commit_failed()
+        error = flow.pool_error()
+        assert error is not None
+        # exc_info: the server may have the app's earlier status line (not sent: no chunk went out).
+        return self._refuse(environ, flow._start, error, flow.refusal or _exc_info(error))
 
-            def close() -> None:
-                try:
-                    if inner is not None:
-                        inner()
-                finally:
-                    handle.finish(None, succeeded=True)
+    def _wrap(self, result: Iterable[bytes], flow: Flow, environ: WSGIEnvironment) -> Iterable[bytes]:
+        if hasattr(type(result), "__len__"):
+            return SizedBody(result, flow, environ, self._pool_error_in_body)
+        return Body(result, flow, environ, self._pool_error_in_body)
 
-            try:
-                result.close = close  # type: ignore[attr-defined]
-            except AttributeError:
-                pass
-            else:
-                return result
-        return Body(result, handle)
+    def _pool_error_in_body(self, environ: WSGIEnvironment, flow: Flow, exc: PoolError) -> Iterable[bytes]:
+        if not flow.out:
+            # No chunk has gone out: the 503 replaces the response.
+            return self._refuse(environ, flow._start, exc, _exc_info(exc))
+        log.warning("%s: response cut short, %s", str(flow), exc)
+        return []
+
+    def _refuse(self, environ: WSGIEnvironment, start_response: StartResponse, exc: PoolError,
+                exc_info: OptExcInfo | None) -> Iterable[bytes]:
+        # Every 503 this middleware answers goes through here, so it is counted.
+        pid = os.getpid()
+        counter = self._refusals
+        if counter is None or counter[0] != pid:  # the first 503 in this process (or the first after a fork)
+            counter = self._refusals = [pid, 0, threading.Lock()]
+        with counter[2]:
+            counter[1] += 1
+        return self._unavailable(environ, start_response, exc, exc_info)
+
+    def refused(self) -> int:
+        """How many 503s this middleware has answered in this process (a forked child starts at 0)."""
+        counter = self._refusals
+        return counter[1] if counter is not None and counter[0] == os.getpid() else 0
 
     def _unavailable(self, environ: WSGIEnvironment, start_response: StartResponse, exc: PoolError,
                      exc_info: OptExcInfo | None) -> Iterable[bytes]:
