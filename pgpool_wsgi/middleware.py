@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg2
 
+from ._text import for_log, request_line
 from ._request import CONN_KEY, HANDLE_KEY, Body, Finisher, HandleGroup, RequestHandle
 from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
@@ -221,7 +222,8 @@ class PgPoolMiddleware:
         allowed, skipped = self._throttle.allow()
         if allowed:
             more = f" ({skipped} more 503s not logged)" if skipped else ""
-            log.warning("%s %s: 503, %s%s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", ""), exc, more)
+            # One line: the request is escaped and capped, libpq's multi-line message joined.
+            log.warning("%s: 503, %s%s", request_line(environ), for_log(" ".join(str(exc).split()), 400), more)
         start_response("503 Service Unavailable",
                        [("Content-Type", "text/plain; charset=utf-8"),
                         ("Content-Length", str(len(_UNAVAILABLE_BODY))),
