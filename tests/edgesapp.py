@@ -11,6 +11,7 @@ a forged line would show as a line of its own.
 * ``?hold=S``: holds a connection S seconds with ``leak_timeout`` 0.2 s, so
   the pool logs its leak warning naming the request;
 * ``?drip``: reads the request body, then answers ``pool.stats()`` as JSON;
+* ``/café`` and below (``exclude_paths``): ``excluded``, no connection;
 * anything else: ``SELECT 1`` and 200.
 
 ``EDGESAPP_MAX_SIZE`` / ``EDGESAPP_TIMEOUT`` / ``EDGESAPP_CHECKOUT`` set the
@@ -36,6 +37,9 @@ logging.basicConfig(stream=sys.stderr, level=logging.INFO,
 
 
 def view(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    if "pgpool.handle" not in environ:  # an exclude_paths path
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "8")])
+        return [b"excluded"]
     query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
     handle = environ["pgpool.handle"]
     if "drip" in query:
@@ -53,7 +57,7 @@ def view(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterabl
 live = PgPoolMiddleware(view, max_size=int(os.environ.get("EDGESAPP_MAX_SIZE", "2")),
                         timeout=float(os.environ.get("EDGESAPP_TIMEOUT", "2")),
                         checkout=os.environ.get("EDGESAPP_CHECKOUT", "eager"),
-                        leak_timeout=0.2, stats_path="/_pool")
+                        leak_timeout=0.2, stats_path="/_pool", exclude_paths=["/café"])
 dead = PgPoolMiddleware(view, dsn="host=127.0.0.1 port=1 dbname=x user=x", max_size=1, timeout=1,
                         check_capacity=False, connect_timeout=2)
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from pgpool_wsgi import PgPoolMiddleware
 from pgpool_wsgi._request import RequestHandle
 from pgpool_wsgi._text import for_log, request_line
 from tests.pgserver import PgServer, free_port
@@ -121,7 +120,8 @@ def assert_records_safe(records: list[logging.LogRecord], needle: str) -> None:
 
 def test_503_warning_is_neutralised(make_middleware: Any, pool_log: pytest.LogCaptureFixture) -> None:
     app = make_middleware(ok_app, dsn=DEAD_DSN, check_capacity=False, timeout=1)
-    assert call(app, environ_for("/x\r\n" + FORGE + "\x1b[2K" + "z" * 10_000, method="G\x1b[31mET")) == "503 Service Unavailable"
+    environ = environ_for("/x\r\n" + FORGE + "\x1b[2K" + "z" * 10_000, method="G\x1b[31mET")
+    assert call(app, environ) == "503 Service Unavailable"
     assert_records_safe(pool_log.records, "503")
     assert any("\\x0d\\x0a1999" in r.getMessage() and "G\\x1b[31mET" in r.getMessage() for r in pool_log.records)
 
