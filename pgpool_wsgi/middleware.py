@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg2
 
+from ._concurrency import EagerGuard
 from ._paths import AddressList, PathRules, wsgi_path
 from ._request import CONN_KEY, HANDLE_KEY, Body, Finisher, HandleGroup, RequestHandle
 from ._text import for_log, request_line
@@ -146,6 +147,7 @@ class PgPoolMiddleware:
         self._stats_allow = None if own["stats_allow"] is None else AddressList(own["stats_allow"])
         self.retry_after: int = own["retry_after"]
         self._eager = self.checkout == "eager"
+        self._before_checkout = EagerGuard(self.pool.name, self.pool.max_size)
         self._named_keys = [(f"pgpool.{name}", p) for name, p in named.items()]
         self._throttle = _Throttle()
 
@@ -164,6 +166,7 @@ class PgPoolMiddleware:
         if self._named_keys:
             finisher = self._add_named(environ, handle)
         if self._eager:
+            self._before_checkout(environ)  # a slow upload waits here, holding no connection
             try:
                 environ[CONN_KEY] = handle._checkout()
             except PoolError as exc:

@@ -10,7 +10,7 @@ a forged line would show as a line of its own.
   the request;
 * ``?hold=S``: holds a connection S seconds with ``leak_timeout`` 0.2 s, so
   the pool logs its leak warning naming the request;
-* ``?drip``: reads the request body, then answers ``pool.stats()`` as JSON;
+* ``?drip``: reads the request body, then answers ``pool.stats()`` and the body as JSON;
 * ``/café`` and below (``exclude_paths``): ``excluded``, no connection;
 * anything else: ``SELECT 1`` and 200.
 
@@ -42,14 +42,15 @@ def view(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterabl
         return [b"excluded"]
     query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
     handle = environ["pgpool.handle"]
+    got = b""
     if "drip" in query:
         length = int(environ.get("CONTENT_LENGTH") or 0)
-        environ["wsgi.input"].read(length)
+        got = environ["wsgi.input"].read(length)
     with handle.conn.cursor() as cur:
         cur.execute("SELECT 1")
     if "hold" in query:
         time.sleep(float(query["hold"][0]))
-    body = json.dumps(handle.pool.stats()).encode()
+    body = json.dumps({**handle.pool.stats(), "body": got.decode("latin-1")}).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
 

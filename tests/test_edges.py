@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +160,113 @@ def test_stats_allow_from_ini() -> None:
 def test_address_list_ignores_other_families() -> None:
     allow = AddressList(["10.0.0.0/8"])
     assert allow.allows("10.255.0.1") and not allow.allows("::1") and not allow.allows(("10.0.0.1", 80))
+
+
+# -- 15.3: slow uploads under eager checkout -------------------------------------------------
+
+
+def drip_post(port: int, body: bytes, pause: float, result: dict[str, Any]) -> None:
+    """POST ``body`` one byte every ``pause`` seconds; put the answer (or the error) in ``result``."""
+    try:
+        with socket.create_connection((HOST, port), timeout=60) as sock:
+            sock.sendall(b"POST /upload?drip HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for byte in body:
+                time.sleep(pause)
+                sock.sendall(bytes([byte]))
+            chunks = []
+            while data := sock.recv(65536):
+                chunks.append(data)
+        result["answer"] = b"".join(chunks)
+    except OSError as exc:
+        result["error"] = repr(exc)
+
+
+@pytest.mark.servers
+def test_slow_uploads_hold_no_connection_under_gevent(pg: PgServer, tmp_path: Path) -> None:
+    """gevent, max_size=2, timeout=2: two clients drip a POST body at 1 byte/s, then 3 normal requests."""
+    port = free_port()
+    env = {"PYTHONPATH": str(ROOT), "DATABASE_URL": pg.dsn(), "PATH": "/usr/bin:/bin",
+           "EDGESAPP_MAX_SIZE": "2", "EDGESAPP_TIMEOUT": "2"}
+    argv = [str(BIN / "gunicorn"), "-c", "tests/gunicorn_conf.py", "--bind", f"{HOST}:{port}", "--workers", "1",
+            "--worker-class", "gevent", "--worker-connections", "100", "tests.edgesapp:application"]
+    log_path = tmp_path / "server.log"
+    results: list[dict[str, Any]] = [{}, {}]
+    with running(argv, port=port, env=env, log_path=log_path, cwd=ROOT):
+        drippers = [threading.Thread(target=drip_post, args=(port, b"slow-body", 1.0, r), daemon=True)
+                    for r in results]
+        for thread in drippers:
+            thread.start()
+        time.sleep(2.5)  # both are mid-body now: their requests have reached the worker
+        started = time.monotonic()
+        normal = [fetch(HOST, port, "/normal", timeout=30) for _ in range(3)]
+        print(f"\n3 normal requests while 2 uploads drip: {time.monotonic() - started:.3f} s")
+        for thread in drippers:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in drippers)
+    log = log_path.read_text(errors="replace")
+    assert [status for status, _, _ in normal] == [200, 200, 200], (normal, log[-2000:])
+    for result in results:
+        answer = result.get("answer", b"")
+        assert answer.startswith(b"HTTP/1.1 200") and b'"body": "slow-body"' in answer, (result, log[-2000:])
+    # The startup warning: eager checkout with more concurrent requests than max_size.
+    warnings = [line for line in log.splitlines() if "eager checkout" in line]
+    assert len(warnings) == 1 and "worker_connections=100" in warnings[0] and "max_size=2" in warnings[0], log[-3000:]
+
+
+CONCURRENCY_CASES = [
+    pytest.param([str(BIN / "gunicorn"), "--workers", "1", "--threads", "4"], "gunicorn gthread threads=4",
+                 id="gunicorn-gthread"),
+    pytest.param([str(BIN / "uwsgi"), "--master", "--processes", "1", "--threads", "4", "--need-app",
+                  "--die-on-term", "--disable-logging"], "uWSGI threads/async cores=4", id="uwsgi-threads"),
+    pytest.param([str(BIN / "waitress-serve"), "--threads=4"], "waitress threads=4", id="waitress"),
+    pytest.param([str(BIN / "gunicorn"), "--workers", "1"], None, id="gunicorn-sync"),
+]
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize(("argv", "expected"), CONCURRENCY_CASES)
+def test_eager_concurrency_warning_reads_the_server(pg: PgServer, tmp_path: Path, argv: list[str],
+                                                   expected: str | None) -> None:
+    port = free_port()
+    if "uwsgi" in argv[0]:
+        argv = [*argv, "--http-socket", f"{HOST}:{port}", "--module", "tests.edgesapp:application"]
+    elif "waitress" in argv[0]:
+        argv = [*argv, f"--listen={HOST}:{port}", "tests.edgesapp:application"]
+    else:
+        argv = [*argv, "--bind", f"{HOST}:{port}", "tests.edgesapp:application"]
+    env = {"PYTHONPATH": str(ROOT), "DATABASE_URL": pg.dsn(), "PATH": "/usr/bin:/bin", "EDGESAPP_MAX_SIZE": "2"}
+    log_path = tmp_path / "server.log"
+    with running(argv, port=port, env=env, log_path=log_path, cwd=ROOT):
+        answers = [fetch(HOST, port, "/normal", timeout=30)[0] for _ in range(3)]
+        time.sleep(0.3)
+    assert answers == [200, 200, 200]
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if "eager checkout" in line]
+    if expected is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and f"eager checkout with {expected} and max_size=2" in lines[0], lines
+
+
+def test_small_bodies_are_read_before_checkout_large_and_chunked_are_not() -> None:
+    from pgpool_wsgi._concurrency import BODY_LIMIT, buffer_body
+
+    class Stream:
+        def __init__(self, data: bytes) -> None:
+            self.data, self.reads = data, 0
+
+        def read(self, size: int = -1) -> bytes:
+            self.reads += 1
+            chunk, self.data = self.data[:size], self.data[size:]
+            return chunk
+
+    small = {"CONTENT_LENGTH": "5", "wsgi.input": Stream(b"hello")}
+    buffer_body(small)
+    assert small["wsgi.input"].read() == b"hello"
+    for environ in ({"CONTENT_LENGTH": str(BODY_LIMIT + 1), "wsgi.input": Stream(b"x")},
+                    {"CONTENT_LENGTH": "", "wsgi.input": Stream(b"x")},   # chunked: no length
+                    {"CONTENT_LENGTH": "abc", "wsgi.input": Stream(b"x")},
+                    {"CONTENT_LENGTH": "0", "wsgi.input": Stream(b"")}):
+        stream = environ["wsgi.input"]
+        buffer_body(environ)
+        assert environ["wsgi.input"] is stream and stream.reads == 0
