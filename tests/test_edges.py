@@ -270,3 +270,30 @@ def test_small_bodies_are_read_before_checkout_large_and_chunked_are_not() -> No
         stream = environ["wsgi.input"]
         buffer_body(environ)
         assert environ["wsgi.input"] is stream and stream.reads == 0
+
+
+# -- 13.11: a URL DSN with percent-escapes in an ini file ---------------------------------------
+
+
+def test_percent_escapes_in_an_ini_dsn_need_doubling(pg: PgServer, tmp_path: Path) -> None:
+    """configparser interpolation: ``%20`` in an ini value is an error; ``%%20`` reaches libpq as ``%20``."""
+    import configparser
+
+    from paste.deploy import loadapp
+
+    url = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres?sslmode=disable&application_name=web%20app"
+    ini = ("[pipeline:main]\npipeline = pgpool app\n\n[filter:pgpool]\nuse = egg:pgpool_wsgi#pgpool\n"
+           "dsn = {dsn}\n\n[app:app]\nuse = call:tests.pasteapp:app_factory\n")
+    single = tmp_path / "single.ini"
+    single.write_text(ini.format(dsn=url))
+    with pytest.raises(configparser.InterpolationSyntaxError, match="'%' must be followed by '%' or '\\('"):
+        loadapp(f"config:{single}")
+    doubled = tmp_path / "doubled.ini"
+    doubled.write_text(ini.format(dsn=url.replace("%", "%%")))
+    app = loadapp(f"config:{doubled}")
+    try:
+        with app.pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT current_setting('application_name')")
+            assert cur.fetchone()[0] == "web app"
+    finally:
+        app.close()
