@@ -10,6 +10,8 @@ a forged line would show as a line of its own.
   the request;
 * ``?hold=S``: holds a connection S seconds with ``leak_timeout`` 0.2 s, so
   the pool logs its leak warning naming the request;
+* ``?pgsleep=S``: updates the row of table ``edges_lock`` (its lock held until
+  the transaction ends), then ``pg_sleep(S)``;
 * ``?drip``: reads the request body, then answers ``pool.stats()`` and the body as JSON;
 * ``/café`` and below (``exclude_paths``): ``excluded``, no connection;
 * anything else: ``SELECT 1`` and 200.
@@ -48,6 +50,9 @@ def view(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterabl
         got = environ["wsgi.input"].read(length)
     with handle.conn.cursor() as cur:
         cur.execute("SELECT 1")
+        if "pgsleep" in query:  # lock a row, then a long query: what a killed worker leaves behind
+            cur.execute("UPDATE edges_lock SET n = n + 1 WHERE id = 1")
+            cur.execute("SELECT pg_sleep(%s)", (float(query["pgsleep"][0]),))
     if "hold" in query:
         time.sleep(float(query["hold"][0]))
     body = json.dumps({**handle.pool.stats(), "body": got.decode("latin-1")}).encode()

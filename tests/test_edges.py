@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import sys
@@ -297,3 +298,48 @@ def test_percent_escapes_in_an_ini_dsn_need_doubling(pg: PgServer, tmp_path: Pat
             assert cur.fetchone()[0] == "web app"
     finally:
         app.close()
+
+
+# -- 13.11: a worker killed at its timeout leaves its query running ----------------------------
+
+
+def backend_state(pg: PgServer) -> tuple[bool, bool]:
+    """(is a pg_sleep of ours still running?, is the edges_lock row still locked?)"""
+    running_sleep = bool(pg.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND "
+                                    "query LIKE 'SELECT pg_sleep%%' AND application_name LIKE 'pgpool_wsgi%%'")[0][0])
+    locked = bool(pg.execute("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                             "WHERE a.application_name LIKE 'pgpool_wsgi%%' AND l.locktype = 'transactionid'")[0][0])
+    return running_sleep, locked
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("statement_timeout", [None, "1000"], ids=["plain", "statement_timeout"])
+def test_worker_timeout_leaves_the_query_running(pg: PgServer, tmp_path: Path, statement_timeout: str | None) -> None:
+    """gunicorn sync --timeout 2, a view holding a row lock in pg_sleep(8): what is left when the worker dies."""
+    pg.execute("CREATE TABLE IF NOT EXISTS edges_lock (id int PRIMARY KEY, n int)")
+    pg.execute("INSERT INTO edges_lock VALUES (1, 0) ON CONFLICT DO NOTHING")
+    dsn = pg.dsn() if statement_timeout is None else pg.dsn(options=f"'-c statement_timeout={statement_timeout}'")
+    port = free_port()
+    env = {"PYTHONPATH": str(ROOT), "DATABASE_URL": dsn, "PATH": "/usr/bin:/bin"}
+    argv = [str(BIN / "gunicorn"), "--bind", f"{HOST}:{port}", "--workers", "1", "--timeout", "2",
+            "tests.edgesapp:application"]
+    log_path = tmp_path / "server.log"
+    with running(argv, port=port, env=env, log_path=log_path, cwd=ROOT):
+        try:
+            status: object = fetch(HOST, port, "/slow?pgsleep=8", timeout=30)[0]
+        except (OSError, http.client.HTTPException) as exc:  # the worker died mid-request
+            status = type(exc).__name__
+        after = backend_state(pg)
+        log = log_path.read_text(errors="replace")
+        if statement_timeout is None:
+            # The worker was killed, the client cut off; the backend still runs and holds the lock.
+            assert status != 200 and "WORKER TIMEOUT" in log, (status, log[-2000:])
+            assert after == (True, True)
+            deadline = time.monotonic() + 30
+            while backend_state(pg) != (False, False) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert backend_state(pg) == (False, False)  # until pg_sleep ends and the send fails
+        else:
+            # Cancelled by the server before the worker timeout: an app error, the lock released.
+            assert status == 500 and "WORKER TIMEOUT" not in log, (status, log[-2000:])
+            assert after == (False, False)
