@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import psycopg2
 
 from .errors import PoolError
+from ._text import request_line
 from .pool import ConnectionPool
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class RequestHandle:
         environ = self._environ
         if environ is None:
             return "a finished request"
-        return f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO', '')}"
+        return request_line(environ)  # escaped and capped: the client chose the method and path
 
     @property
     def pool(self) -> ConnectionPool:

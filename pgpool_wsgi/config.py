@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _dsn as _dsn_module
+from . import _paths as _paths_module
 from .errors import ConfigError
 
 POOL = "pool"
@@ -114,12 +115,29 @@ def _path_or_none(value: Any) -> str | None:
 
 
 def _paths(value: Any) -> tuple[str, ...]:
+    expected = "a list of URL path prefixes, each starting with '/' (whole segments; '*' only at the end)"
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise _Bad("a list of URL path prefixes, each starting with '/'")
+        raise _Bad(expected)
     paths = tuple(value)
-    if not all(isinstance(p, str) and p.startswith("/") for p in paths):
-        raise _Bad("a list of URL path prefixes, each starting with '/'")
+    if not all(isinstance(p, str) and p.startswith("/") and "*" not in p[:-1] for p in paths):
+        raise _Bad(expected)
     return paths
+
+
+def _addresses_or_none(value: Any) -> tuple[str, ...] | None:
+    expected = "a non-empty list of IP addresses or networks, e.g. ['127.0.0.1', '10.0.0.0/8', '::1'], or None"
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise _Bad(expected)
+    specs = tuple(value)
+    if not specs or not all(isinstance(s, str) for s in specs):
+        raise _Bad(expected)
+    try:
+        _paths_module.networks(specs)
+    except ValueError as exc:
+        raise _Bad(f"{expected} ({exc})") from None
+    return specs
 
 
 def _mapping_or_none(value: Any) -> dict[str, Any] | None:
@@ -205,6 +223,11 @@ def parse_paths(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
 
+def parse_words_or_none(text: str) -> tuple[str, ...] | None:
+    words = tuple(text.split())
+    return None if not words or words == ("none",) else words
+
+
 def parse_callable(text: str) -> Callable[[Any], Any] | None:
     """``"package.module:function"`` -> that function."""
     spec = text.strip()
@@ -277,9 +300,14 @@ OPTIONS: tuple[Option, ...] = (
            "`eager`: a connection is in `environ['pgpool.conn']` before the app runs; "
            "`lazy`: checked out on first use of `environ['pgpool.handle'].conn`"),
     Option("exclude_paths", MIDDLEWARE, (), _paths, parse_paths, "paths",
-           "URL path prefixes that never check out (whitespace-separated in ini)"),
+           "URL paths that never check out, whole segments (`/cpu`: `/cpu` and `/cpu/...`, not "
+           "`/cpu_report`); a trailing `*` for a plain prefix (`/static*`); whitespace-separated in ini"),
     Option("stats_path", MIDDLEWARE, None, _path_or_none, parse_none, "path",
-           "serve this worker's `pool.stats()` as JSON at this path; unset = off"),
+           "serve this worker's `pool.stats()` as JSON at this path (GET and HEAD only); unset = off. "
+           "It bypasses your app's authentication: see Security"),
+    Option("stats_allow", MIDDLEWARE, None, _addresses_or_none, parse_words_or_none, "addresses",
+           "client addresses/networks (`REMOTE_ADDR`) allowed to read `stats_path`, e.g. "
+           "`127.0.0.1 10.0.0.0/8 ::1` (a list in Python); others get 403; unset = everyone"),
     Option("retry_after", MIDDLEWARE, 1, _integer(0, 3600), parse_int, "int seconds",
            "the `Retry-After` header of the 503 answer"),
     Option("pools", MIDDLEWARE, None, _pools, None, "dict",

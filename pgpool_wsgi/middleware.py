@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import psycopg2
 
+from ._concurrency import EagerGuard
+from ._paths import AddressList, PathRules, wsgi_path
 from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Active, Body, Flow, RequestHandle, SizedBody
+from ._text import for_log, request_line
 from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
 from .pool import ConnectionPool
@@ -30,6 +33,14 @@ __all__ = ["CONN_KEY", "HANDLE_KEY", "PgPoolMiddleware", "RequestHandle"]
 log = logging.getLogger("pgpool_wsgi")
 
 _UNAVAILABLE_BODY = b"503 Service Unavailable: no database connection available, retry later\n"
+
+
+def _plain(start_response: StartResponse, status: str,
+           headers: list[tuple[str, str]] | None = None) -> Iterable[bytes]:
+    body = f"{status}\n".encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store"), *(headers or [])])
+    return [body]
 
 
 class _Throttle:
@@ -110,8 +121,10 @@ class PgPoolMiddleware:
         (``dsn``, ``max_size``, ...) and one is built.
     :param transaction: ``manual`` (default), ``commit`` or ``autocommit``.
     :param checkout: ``eager`` (default) or ``lazy``.
-    :param exclude_paths: path prefixes that never check out.
-    :param stats_path: serve ``pool.stats()`` as JSON at this path.
+    :param exclude_paths: paths that never check out: whole segments
+        (``/cpu`` is ``/cpu`` and ``/cpu/...``), or a prefix with a trailing ``*``.
+    :param stats_path: serve ``pool.stats()`` as JSON at this path (GET, HEAD).
+    :param stats_allow: client addresses/networks allowed to read ``stats_path``.
     :param retry_after: seconds in the 503's ``Retry-After`` header.
     :param pools: more pools by name (``{"replica": {"dsn": ...}}`` or
         ``{"replica": ConnectionPool(...)}``); each request gets a lazy handle
@@ -143,8 +156,13 @@ class PgPoolMiddleware:
         self.checkout: str = own["checkout"]
         self.exclude_paths: tuple[str, ...] = own["exclude_paths"]
         self.stats_path: str | None = own["stats_path"]
+        # Compared with PATH_INFO, which WSGI gives as the request's bytes decoded as latin-1.
+        self._stats_path = None if self.stats_path is None else wsgi_path(self.stats_path)
+        self._excluded = PathRules(self.exclude_paths) if self.exclude_paths else None
+        self._stats_allow = None if own["stats_allow"] is None else AddressList(own["stats_allow"])
         self.retry_after: int = own["retry_after"]
         self._eager = self.checkout == "eager"
+        self._before_checkout = EagerGuard(self.pool.name, self.pool.max_size)
         self._named_keys = [(f"pgpool.{name}", p) for name, p in named.items()]
         self._throttle = _Throttle()
 
@@ -155,9 +173,9 @@ class PgPoolMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if self.stats_path is not None and path == self.stats_path:
-            return self._serve_stats(start_response)
-        if self.exclude_paths and path.startswith(self.exclude_paths):
+        if path == self._stats_path:
+            return self._serve_stats(environ, start_response)
+        if self._excluded is not None and self._excluded(path):
             return self.app(environ, start_response)
         active = ACTIVE.get()
         outer = environ.get(HANDLE_KEY)
@@ -172,6 +190,7 @@ class PgPoolMiddleware:
             self._add_named(environ, handles)
         flow = Flow(handles, start_response, hold=self.transaction == "commit")  # commit mode holds the status
         if self._eager:
+            self._before_checkout(environ)  # a slow upload waits here, holding no connection
             try:
                 environ[CONN_KEY] = handle._checkout()
             except PoolError as exc:
@@ -292,21 +311,29 @@ class PgPoolMiddleware:
         allowed, skipped = self._throttle.allow()
         if allowed:
             more = f" ({skipped} more 503s not logged)" if skipped else ""
-            log.warning("%s %s: 503, %s%s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", ""), exc, more)
+            # One line: the request is escaped and capped, libpq's multi-line message joined.
+            log.warning("%s: 503, %s%s", request_line(environ), for_log(" ".join(str(exc).split()), 400), more)
         start_response("503 Service Unavailable",
                        [("Content-Type", "text/plain; charset=utf-8"),
                         ("Content-Length", str(len(_UNAVAILABLE_BODY))),
                         ("Retry-After", str(self.retry_after))], exc_info)
         return [_UNAVAILABLE_BODY]
 
-    def _serve_stats(self, start_response: StartResponse) -> Iterable[bytes]:
+    def _serve_stats(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        # Answered before the app (and its authentication) runs: read-only, and only to listed clients.
+        if self._stats_allow is not None and not self._stats_allow.allows(environ.get("REMOTE_ADDR")):
+            return _plain(start_response, "403 Forbidden")
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD"):
+            return _plain(start_response, "405 Method Not Allowed", [("Allow", "GET, HEAD")])
         stats: dict[str, Any] = dict(self.pool.stats())
+        stats["refused"] = self.refused()
         if self.pools:
             stats["pools"] = {name: pool.stats() for name, pool in self.pools.items()}
         body = json.dumps(stats, sort_keys=True).encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                                   ("Cache-Control", "no-store")])
-        return [body]
+        return [b""] if method == "HEAD" else [body]
 
     def close(self) -> None:
         """Close this middleware's pools (idle connections now, busy ones when returned)."""

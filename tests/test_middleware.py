@@ -314,7 +314,7 @@ def test_excluded_paths_never_check_out(mw):
     middleware = mw(app, exclude_paths=["/static/", "/health"])
     client = webtest.TestApp(middleware)
     client.get("/static/app.css")
-    client.get("/healthz")
+    client.get("/health/live")  # a whole segment below /health (not /healthz)
     client.get("/page")
     assert keys == [set(), set(), {"pgpool.conn", "pgpool.handle"}]
     assert middleware.pool.stats()["checkouts"] == 1
