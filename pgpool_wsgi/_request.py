@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import psycopg2
 
-from .errors import PoolError
 from ._text import request_line
+from .errors import PoolError
 from .pool import ConnectionPool
 
 if TYPE_CHECKING:
