@@ -49,6 +49,7 @@ class MiddlewareKwargs(PoolOptions, total=False):
     checkout: Literal["eager", "lazy"]
     exclude_paths: Iterable[str]
     stats_path: str | None
+    stats_allow: Iterable[str] | None
     retry_after: int
     pools: Mapping[str, ConnectionPool | PoolOptions] | None
 
