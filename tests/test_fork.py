@@ -68,7 +68,30 @@ def test_fork_while_another_thread_holds_the_pool_lock(pg, fork, lock_held):
     report = run_probe(pg.dsn(), fork=fork, exit="os_exit", lock_held=lock_held, return_first=True)
     child, parent = report["child"], report["parent"]
     assert child["own_backend"] is True and child["carried_error"] is None
-    assert child["carried_closed_in_child"] is True  # dropped by the child, not kept
+    assert child["carried_released_in_child"] is True  # its descriptor released by the child, not kept
     assert child["inherited_fds_after_checkout"] == 0
     assert parent["child_exit_status"] == 0
     assert parent["held_pids_after"] == parent["held_pids_before"] and parent["carried_works"] is True
+
+
+BUSY = Path(__file__).with_name("forkbusy.py")
+
+
+@pytest.mark.parametrize("exit_mode", ["normal", "sys_exit", "os_exit"])
+@pytest.mark.parametrize("fork", ["os", "ctypes"], ids=["os.fork", "C-fork-no-hooks"])
+def test_fork_while_another_thread_is_mid_query(pg, fork, exit_mode):
+    # psycopg2 holds the connection's mutex during execute(): the child must
+    # never call into psycopg2 on that connection (it would wait forever).
+    done = subprocess.run([sys.executable, str(BUSY), json.dumps({"dsn": pg.dsn(), "fork": fork,
+                                                                  "exit": exit_mode})],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    child, parent = report["child"], report["parent"]
+    assert child["exit_status"] == 0, child  # not killed by its alarm: no hang
+    assert "error" not in child, child
+    assert child["backend_pid"] not in child["parent_pids"] and child["same_backend_again"]
+    assert child["inherited_sockets_left"] == 0
+    assert child["stats"]["in_use"] == 0 and child["stats"]["size"] == 1
+    assert parent["busy_finished"] and parent["held_works"]
+    assert parent["stats"]["discarded"] == 0 and parent["stats"]["in_use"] == 0
