@@ -226,6 +226,18 @@ def close(conn: Any) -> None:
         conn.close()
 
 
+def close_all(conns: Iterable[Any]) -> None:
+    """Close each of these connections, even if closing one of them is interrupted."""
+    failure: BaseException | None = None
+    for conn in conns:
+        try:
+            close(conn)
+        except BaseException as exc:  # noqa: BLE001 - re-raised once all are closed
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
 def drop_inherited(fd: int, *, held: bool) -> None:
     """Release the descriptor of a connection another process opened; no byte is sent.
 

@@ -107,8 +107,7 @@ def _before() -> None:
             idle = state.take_idle(list(state.idle))
         finally:
             state.lock.release()
-        for slot in idle:
-            _conn.close(slot.conn)
+        _conn.close_all(slot.conn for slot in idle)
 
 
 def _after_in_child() -> None:

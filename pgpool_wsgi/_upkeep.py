@@ -128,8 +128,7 @@ def drop_dead_idle(pool: Settings, state: State) -> None:
         state.discarded += len(gone)
     if gone:
         log.warning("%s: discarded %d more idle connection(s) closed by the server", pool.name, len(gone))
-    for slot in gone:
-        _conn.close(slot.conn)
+    _conn.close_all(slot.conn for slot in gone)
 
 
 def sweep_idle(pool: Settings, state: State, now: float) -> None:
@@ -144,7 +143,7 @@ def sweep_idle(pool: Settings, state: State, now: float) -> None:
         state.discarded += len(taken)
     for slot in taken:
         log.info("%s: closed a connection idle for %.0f s (max_idle)", pool.name, now - slot.last_used)
-        _conn.close(slot.conn)
+    _conn.close_all(slot.conn for slot in taken)
 
 
 def on_checkout(pool: Settings, state: State, slot: Slot, now: float) -> None:

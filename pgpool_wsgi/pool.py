@@ -451,8 +451,7 @@ class ConnectionPool(_fork.Home):
             return
         with state.lock:
             idle = state.close()
-        for slot in idle:
-            _conn.close(slot.conn)
+        _conn.close_all(slot.conn for slot in idle)
         log.info("%s: closed (pid %d)", self.name, state.pid)
 
     def check_invariants(self) -> None:
