@@ -14,25 +14,21 @@ import contextlib
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import Any
 
-import psycopg2
 from psycopg2.extensions import STATUS_READY
 
 from . import _conn, _fork, _upkeep
 from ._dsn import Target
+from ._open import Opener
 from ._state import CLOSED, SHED, Slot, State, Waiter
 from .config import POOL, validate
 from .errors import PoolClosed, PoolError, PoolTimeout
 
 log = logging.getLogger("pgpool_wsgi")
 
-_BACKOFF_FIRST = 0.1  # seconds after the first failed connect
-_BACKOFF_MAX = 1.0  # recovery within about a second of the server coming back
-_LIFETIME_JITTER = 0.1
 _NEVER = math.inf
 
 _getpid = os.getpid
@@ -78,10 +74,10 @@ class ConnectionPool(_fork.Home):
         self.leak_debug: bool = opts["leak_debug"]
         # How long a connection may sit idle before the fast checkout test fails.
         self._idle_limit = min(self.max_idle, self.ping_after if self.check == "ping" else _NEVER)
-        self._configure = opts["configure"]
-        self._check_capacity: bool = opts["check_capacity"]
-        self._plain_reset = self.reset_sql is None  # returns may take the fast path
         self._target = Target(opts["dsn"], opts["connect_kwargs"], opts["connect_timeout"])
+        self._opener = Opener(self, self._target, configure=opts["configure"], check_capacity=opts["check_capacity"],
+                              max_lifetime=self.max_lifetime, idle_limit=self._idle_limit,
+                              plain_reset=self.reset_sql is None)  # no reset_sql: returns may take the fast path
         self._closed = False
         super().__init__()  # per-process states; registers for the at-fork hooks
         log.info("%s: ready for %s (max_size=%d); connections open on first use",
@@ -226,7 +222,7 @@ class ConnectionPool(_fork.Home):
     def _connect(self, state: State) -> Slot:
         """Open a connection in a place already reserved; give the place back on failure."""
         try:
-            slot = self._open(state)
+            slot = self._opener.open(state)
         except BaseException:
             with state.lock:
                 state.connect_failed(checkout=True)
@@ -234,71 +230,6 @@ class ConnectionPool(_fork.Home):
         with state.lock:
             state.opened(slot)
         return slot
-
-    def _open(self, state: State) -> Slot:
-        """Connect and configure (I/O, no lock); a failure of either backs off the next ones."""
-        now = _now()
-        with state.lock:
-            # After a failed connect, one caller probes; the rest fail fast.
-            refused = bool(state.backoff) and (now < state.retry_at or state.probing)
-            if refused:
-                state.unreachable += 1
-            else:
-                probe = state.probing = bool(state.backoff)
-        if refused:
-            wait = max(state.retry_at - now, 0.0)
-            raise PoolError(f"{self.name}: cannot reach {self._target.describe()} "
-                            f"(last connect failed; next attempt in {wait:.1f} s)")
-        try:
-            try:
-                conn = self._target.connect(state.pid)
-            except psycopg2.Error as exc:
-                self._failed(state, "cannot connect to", str(exc).strip())
-            try:
-                self._prepare(state, conn)
-            except Exception as exc:  # noqa: BLE001 - any configure failure is a failed connect
-                _conn.close(conn)
-                self._failed(state, "configure failed on a new connection to",
-                             f"{type(exc).__name__}: {str(exc).strip()}")
-            except BaseException:
-                _conn.close(conn)
-                raise
-        finally:
-            if probe:  # a connect begun before the backoff must not end someone else's probe
-                state.probing = False
-        with state.lock:
-            state.connects += 1  # only now: configure succeeded too
-            state.backoff = 0.0
-        now = _now()
-        expires = now + self.max_lifetime * (1 - random.random() * _LIFETIME_JITTER)
-        slot = Slot(conn, _conn.Session(conn), expires, min(expires, now + self._idle_limit), now)
-        slot.plain = self._plain_reset and not getattr(slot.session, "primary_only", False)
-        return slot
-
-    def _prepare(self, state: State, conn: Any) -> None:
-        with state.lock:
-            first = not state.capacity_checked
-            state.capacity_checked = True
-        if first and self._check_capacity and state.accepting:  # not from a uWSGI master: its workers will
-            _upkeep.check_capacity(self, conn)
-        if self._configure is not None:
-            self._configure(conn)
-            if conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                conn.commit()
-
-    def _failed(self, state: State, what: str, detail: str) -> NoReturn:
-        """Count a failed connect (or configure), back off, warn (throttled), raise PoolError."""
-        with state.lock:
-            state.connect_errors += 1
-            state.backoff = min(max(state.backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
-            state.retry_at = _now() + state.backoff
-        reason = self._target.scrub(detail)
-        where = f"{what} {self._target.describe()}"
-        log_it, skipped = state.connect_log.allow(_now())
-        if log_it:
-            more = f" ({skipped} more failure(s) not logged)" if skipped else ""
-            log.warning("%s: %s: %s%s", self.name, where, reason, more)
-        raise PoolError(f"{self.name}: {where}: {reason}") from None
 
     # -- return ---------------------------------------------------------------
 
@@ -341,7 +272,7 @@ class ConnectionPool(_fork.Home):
                         state.idle.append(slot)
                     state.lock.release()
                     if now >= state.next_upkeep:
-                        _upkeep.run(self, state, now, self._open)
+                        _upkeep.run(self, state, now, self._opener.open)
                     return
         self._give_back(conn, discard)
 
@@ -375,7 +306,7 @@ class ConnectionPool(_fork.Home):
             _conn.close(conn)
             return
         if now >= state.next_upkeep:
-            _upkeep.run(self, state, now, self._open)
+            _upkeep.run(self, state, now, self._opener.open)
 
     def _reset_reason(self, state: State, slot: Slot, discard: bool, now: float) -> str | None:
         """Reset a returned connection (network I/O); why it must go, or None."""

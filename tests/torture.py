@@ -31,6 +31,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -199,6 +200,7 @@ class Run:
                 return
             except PoolError:
                 self.count("pool_errors")
+                time.sleep(0.002)  # as a client would before retrying
             except psycopg2.Error:
                 pass  # counted (and judged) in use()
             except BaseException as exc:  # noqa: BLE001 - any other escape is a finding
@@ -248,17 +250,36 @@ def child(run: Run, pool: ConnectionPool, lent: Any, rng: random.Random) -> None
     sys.exit(code)
 
 
+def c_fork() -> int:
+    """fork() from C, with no Python at-fork hooks and no interpreter re-initialisation (as uWSGI does).
+
+    CPython itself cannot survive that while another thread has asked for
+    the GIL: the child then waits in drop_gil() for a thread that does not
+    exist there. A long switch interval and a sleep (re-taking the GIL
+    clears the request) keep that CPython hazard out of the pool's test.
+    PyDLL keeps the GIL across the call.
+    """
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    time.sleep(0.001)
+    try:
+        return int(ctypes.PyDLL(None).fork())
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def fork_once(run: Run, pool: ConnectionPool, rng: random.Random) -> None:
     lent = None
     with contextlib.suppress(PoolError, Injected, psycopg2.Error):
         lent = pool.getconn(timeout=0.5) if rng.random() < 0.5 else None
     # PyDLL keeps the GIL across the call, as a fork from C code run by Python does.
     how = "ctypes" if rng.random() < 0.5 else "os"
-    pid = ctypes.PyDLL(None).fork() if how == "ctypes" else os.fork()
+    pid = c_fork() if how == "ctypes" else os.fork()
     if pid == 0:
         child(run, pool, lent, rng)
     if lent is not None:
-        pool.putconn(lent)
+        with contextlib.suppress(Injected):
+            pool.putconn(lent)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -266,6 +287,9 @@ def fork_once(run: Run, pool: ConnectionPool, rng: random.Random) -> None:
             break
         time.sleep(0.01)
     else:
+        if os.environ.get("TORTURE_GDB"):
+            subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "bt"], stdout=sys.stderr, stderr=sys.stderr,
+                           timeout=60)
         os.kill(pid, signal.SIGABRT)  # faulthandler prints where it hangs
         time.sleep(1)
         os.kill(pid, signal.SIGKILL)
