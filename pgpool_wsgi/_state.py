@@ -102,6 +102,13 @@ class Throttle:
 class State:
     """Everything one process knows about its connections."""
 
+    # Slots: the hot paths read a dozen of these per checkout; a plain
+    # instance dict this large would lose CPython's fast attribute access.
+    __slots__ = ("accepting", "backoff", "capacity_checked", "closed", "connect_log", "connecting", "dropped",
+                 "filling", "idle", "leak_log", "leak_scan_due", "lock", "max_size", "min_size", "next_leak_scan",
+                 "next_upkeep", "pid", "probing", "reserved", "retry_at", "slots", "waiters", "watcher",
+                 *COUNTERS)
+
     def __init__(self, pid: int, *, max_size: int, min_size: int = 0, watch: bool = True,
                  closed: bool = False) -> None:
         self.pid = pid

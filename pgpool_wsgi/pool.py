@@ -74,6 +74,7 @@ class ConnectionPool(_fork.Home):
         self.leak_debug: bool = opts["leak_debug"]
         # How long a connection may sit idle before the fast checkout test fails.
         self._idle_limit = min(self.max_idle, self.ping_after if self.check == "ping" else _NEVER)
+        self._idle_limited = self._idle_limit < _NEVER
         self._target = Target(opts["dsn"], opts["connect_kwargs"], opts["connect_timeout"])
         self._opener = Opener(self, self._target, configure=opts["configure"], check_capacity=opts["check_capacity"],
                               max_lifetime=self.max_lifetime, idle_limit=self._idle_limit,
@@ -247,7 +248,7 @@ class ConnectionPool(_fork.Home):
         # pid first (_give_back), and so does the next checkout.
         state = self._state
         slot = state.slots.get(conn)
-        if slot is not None and not discard and slot.plain and state.accepting:
+        if slot is not None and not discard and slot.plain:
             out_since = slot.out_since
             session = slot.session
             if (out_since is not None and not conn.get_transaction_status() and conn.status == STATUS_READY
@@ -257,14 +258,16 @@ class ConnectionPool(_fork.Home):
                 now = _now()
                 # Held no longer than leak_timeout, so never reported as a leak.
                 if now < slot.expires and now - out_since <= self.leak_timeout and state.lock.acquire(False):
-                    if state.closed:  # closed meanwhile: the slow path closes it
+                    # accepting is read under the lock: close() may have come meanwhile.
+                    if not state.accepting:  # closed, or a uWSGI master: the slow path closes it
                         state.lock.release()
                         self._give_back(conn, discard)
                         return
                     slot.last_used = now
                     slot.label = None  # may hold a request's environ
-                    good_until = now + self._idle_limit
-                    slot.good_until = good_until if good_until < slot.expires else slot.expires
+                    if self._idle_limited:  # else good_until stays at expires
+                        good_until = now + self._idle_limit
+                        slot.good_until = good_until if good_until < slot.expires else slot.expires
                     if state.waiters:
                         state.park(slot, now)
                     else:  # State.park, inlined: the hot path
