@@ -229,7 +229,14 @@ class ConnectionPool(_fork.Home):
                 state.connect_failed(checkout=True)
             raise
         with state.lock:
-            state.opened(slot)
+            closed = state.closed
+            if closed:  # close() came while we connected: a closed pool hands out nothing
+                state.connect_failed(checkout=True)
+            else:
+                state.opened(slot)
+        if closed:
+            _conn.close(slot.conn)
+            raise PoolClosed(f"{self.name}: the pool was closed while connecting")
         return slot
 
     # -- return ---------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from pgpool_wsgi import ConnectionPool, PoolError, PoolTimeout, _conn
+from pgpool_wsgi import ConnectionPool, PoolClosed, PoolError, PoolTimeout, _conn
 from pgpool_wsgi._dsn import Target
 from pgpool_wsgi._state import Waiter
 
@@ -380,3 +380,21 @@ def test_leftovers_take_the_slow_path(make_pool, monkeypatch, leftover):
             conn.tpc_prepare()  # max_prepared_transactions = 0: fails, status not READY
     pool.putconn(conn)
     assert len(resets) == 1
+
+
+def test_close_during_a_checkouts_connect_hands_out_nothing(make_pool, monkeypatch):
+    pool = make_pool(max_size=2)
+    opened: list[Any] = []
+    real = Target.connect
+
+    def connect(self: Target, pid: int) -> Any:
+        new = real(self, pid)
+        opened.append(new)
+        pool.close()
+        return new
+
+    monkeypatch.setattr(Target, "connect", connect)
+    with pytest.raises(PoolClosed):
+        pool.getconn()
+    assert opened and opened[0].closed
+    assert check(pool)["size"] == 0
