@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -95,3 +96,52 @@ def test_fork_while_another_thread_is_mid_query(pg, fork, exit_mode):
     assert child["stats"]["in_use"] == 0 and child["stats"]["size"] == 1
     assert parent["busy_finished"] and parent["held_works"]
     assert parent["stats"]["discarded"] == 0 and parent["stats"]["in_use"] == 0
+
+
+def test_one_failure_does_not_stop_releasing_the_others(monkeypatch):
+    """Pure logic with real descriptors (pipes stand in for inherited sockets)."""
+    import os
+
+    from pgpool_wsgi import ConnectionPool, _conn
+    from pgpool_wsgi._state import Slot, State
+
+    pool = ConnectionPool("host=127.0.0.1 port=1 dbname=x")
+    stale = State(1, max_size=3, watch=False)  # "another process's" state
+    pipes = [os.pipe() for _ in range(3)]
+    for i, (read_end, _) in enumerate(pipes):
+        slot = Slot.__new__(Slot)
+        slot.conn, slot.fd, slot.out_since = object(), read_end, (None if i < 2 else 1.0)
+        stale.slots[slot.conn] = slot
+    calls: list[int] = []
+    real = _conn.drop_inherited
+
+    def drop(fd: int, *, held: bool) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError("injected")
+        real(fd, held=held)
+
+    monkeypatch.setattr(_conn, "drop_inherited", drop)
+    try:
+        with pytest.raises(OSError, match="injected"):
+            pool._forget(stale)
+        assert len(calls) == 3 and stale.slots == {}
+        # The two released: the idle one closed, the lent one pointed at /dev/null.
+        assert not _open(pipes[1][0])
+        assert os.readlink(f"/proc/self/fd/{pipes[2][0]}") == os.devnull
+        assert len(pool._inherited) == 1
+    finally:
+        for read_end, write_end in pipes:
+            for fd in (read_end, write_end):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _open(fd: int) -> bool:
+    import os
+
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
