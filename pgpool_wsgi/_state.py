@@ -31,13 +31,14 @@ COUNTERS = ("checkouts", "timeouts", "shed", "unreachable", "connects", "connect
 class Slot:
     """One open connection and what the pool knows about it."""
 
-    __slots__ = ("conn", "expires", "fd", "good_until", "label", "last_used", "leak_reported", "out_since",
-                 "plain", "session", "stack")
+    __slots__ = ("conn", "encoding", "expires", "fd", "good_until", "label", "last_used", "leak_reported",
+                 "out_since", "plain", "session", "stack")
 
     def __init__(self, conn: Any, session: Any, expires: float, good_until: float, now: float) -> None:
         self.conn = conn
         self.fd: int = conn.fileno()  # kept: a child releases it without asking psycopg2
         self.session = session
+        self.encoding: str = conn.encoding  # psycopg2's codec when opened (after configure)
         # Its returns may take the fast path (no reset_sql, no primary-only check).
         self.plain = False
         self.expires = expires  # max_lifetime, jittered

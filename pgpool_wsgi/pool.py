@@ -261,7 +261,8 @@ class ConnectionPool(_fork.Home):
             if (out_since is not None and not conn.get_transaction_status() and conn.status == STATUS_READY
                     and not conn.notices and not conn.notifies
                     and conn.autocommit is session.autocommit and conn.isolation_level == session.isolation_level
-                    and conn.readonly == session.readonly and conn.deferrable == session.deferrable):
+                    and conn.readonly == session.readonly and conn.deferrable == session.deferrable
+                    and conn.encoding == slot.encoding):  # the same test as _conn.untouched(), inlined
                 now = _now()
                 # Held no longer than leak_timeout, so never reported as a leak.
                 if now < slot.expires and now - out_since <= self.leak_timeout and state.lock.acquire(False):
