@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 RUNNER = Path(__file__).with_name("torture.py")
-FIXED = [("threads", 1, 7.0), ("threads", 2, 7.0), ("threads", 3, 7.0), ("gevent", 4, 5.0)]
+FIXED = [("threads", 1, 5.0), ("threads", 2, 5.0), ("threads", 3, 5.0), ("gevent", 4, 4.0)]
 
 
 def run_one(dsn: str, mode: str, seed: int, seconds: float) -> dict[str, object]:
