@@ -238,7 +238,16 @@ def close_all(conns: Iterable[Any]) -> None:
         raise failure
 
 
-def drop_inherited(fd: int, *, held: bool) -> None:
+def file_id(fd: int) -> tuple[int, int] | None:
+    """What a descriptor number refers to (device, inode), or None if it is not open."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def drop_inherited(fd: int, ident: tuple[int, int] | None, *, held: bool) -> tuple[int, int] | None:
     """Release the descriptor of a connection another process opened; no byte is sent.
 
     Nothing here calls into psycopg2: it holds a per-connection mutex during
@@ -246,22 +255,27 @@ def drop_inherited(fd: int, *, held: bool) -> None:
     that mutex locked, so even ``close()`` would wait forever. Freeing the
     object later is safe (psycopg2 skips the close when the pid differs).
 
+    ``ident`` (:func:`file_id` when the connection was opened): the number is
+    only touched if it still refers to that socket. After a fork done in C
+    the release waits for the first checkout, and by then the process may
+    have closed the number and reused it for a file of its own.
+
     ``held``: the application may still hold the connection (it was checked
     out at fork time). Its number is pointed at /dev/null and stays reserved,
     so any use of it fails harmlessly instead of writing to a socket that
     this process opens later under the same number; it is closed when the
-    connection is given back. Otherwise the number is closed at once.
+    connection is given back (pass the returned ident then). Otherwise the
+    number is closed at once. Returns what the number refers to afterwards.
     """
-    if fd < 0:
-        return
+    if fd < 0 or file_id(fd) != ident:
+        return None
     if not held:
         with contextlib.suppress(OSError):
             os.close(fd)
-        return
+        return None
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         os.dup2(devnull, fd)
-    except OSError:
-        pass  # already closed: nothing to release
     finally:
         os.close(devnull)
+    return file_id(fd)

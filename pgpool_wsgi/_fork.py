@@ -34,9 +34,9 @@ class Home:
     def __init__(self) -> None:
         self._state: State = Unused()
         self._states: dict[int, State] = {}
-        # id(conn) -> (conn, fd): connections checked out when we forked, which
-        # the application may still give back here.
-        self._inherited: dict[int, tuple[Any, int]] = {}
+        # id(conn) -> (conn, fd, what fd refers to): connections checked out
+        # when we forked, which the application may still give back here.
+        self._inherited: dict[int, tuple[Any, int, tuple[int, int] | None]] = {}
         _homes.add(self)
 
     def _new_state(self, pid: int) -> State:
@@ -74,9 +74,9 @@ class Home:
         for slot in slots:  # one failure must not keep the rest open
             held = slot.out_since is not None
             try:
+                now_refers = _conn.drop_inherited(slot.fd, slot.file_id, held=held)
                 if held:
-                    self._inherited[id(slot.conn)] = (slot.conn, slot.fd)
-                _conn.drop_inherited(slot.fd, held=held)
+                    self._inherited[id(slot.conn)] = (slot.conn, slot.fd, now_refers)
             except BaseException as exc:  # noqa: BLE001 - re-raised once all are released
                 failure = failure or exc
         if failure is not None:
@@ -88,7 +88,8 @@ class Home:
         entry = self._inherited.pop(id(conn), None)
         if entry is None or entry[0] is not conn:
             return False
-        _conn.drop_inherited(entry[1], held=False)
+        if entry[2] is not None:  # still our /dev/null placeholder
+            _conn.drop_inherited(entry[1], entry[2], held=False)
         return True
 
 

@@ -21,7 +21,7 @@ import math
 import threading
 from typing import Any
 
-from ._conn import Watcher
+from ._conn import Watcher, file_id
 from ._deploy import in_uwsgi_master
 
 COUNTERS = ("checkouts", "timeouts", "shed", "unreachable", "connects", "connect_errors", "discarded",
@@ -31,12 +31,13 @@ COUNTERS = ("checkouts", "timeouts", "shed", "unreachable", "connects", "connect
 class Slot:
     """One open connection and what the pool knows about it."""
 
-    __slots__ = ("conn", "encoding", "expires", "fd", "good_until", "label", "last_used", "leak_reported",
-                 "out_since", "plain", "session", "stack")
+    __slots__ = ("conn", "encoding", "expires", "fd", "file_id", "good_until", "label", "last_used",
+                 "leak_reported", "out_since", "plain", "session", "stack")
 
     def __init__(self, conn: Any, session: Any, expires: float, good_until: float, now: float) -> None:
         self.conn = conn
         self.fd: int = conn.fileno()  # kept: a child releases it without asking psycopg2
+        self.file_id = file_id(self.fd)  # ...and only if the number still refers to this socket
         self.session = session
         self.encoding: str = conn.encoding  # psycopg2's codec when opened (after configure)
         # Its returns may take the fast path (no reset_sql, no primary-only check).

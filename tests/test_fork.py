@@ -111,15 +111,16 @@ def test_one_failure_does_not_stop_releasing_the_others(monkeypatch):
     for i, (read_end, _) in enumerate(pipes):
         slot = Slot.__new__(Slot)
         slot.conn, slot.fd, slot.out_since = object(), read_end, (None if i < 2 else 1.0)
+        slot.file_id = _conn.file_id(read_end)
         stale.slots[slot.conn] = slot
     calls: list[int] = []
     real = _conn.drop_inherited
 
-    def drop(fd: int, *, held: bool) -> None:
+    def drop(fd: int, ident: object, *, held: bool) -> object:
         calls.append(fd)
         if len(calls) == 1:
             raise OSError("injected")
-        real(fd, held=held)
+        return real(fd, ident, held=held)
 
     monkeypatch.setattr(_conn, "drop_inherited", drop)
     try:
@@ -145,3 +146,27 @@ def _open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_a_number_reused_by_the_child_is_left_alone():
+    """After a C fork the release waits for first use; the number may be the child's own file by then."""
+    import os
+
+    from pgpool_wsgi import ConnectionPool, _conn
+    from pgpool_wsgi._state import Slot, State
+
+    pool = ConnectionPool("host=127.0.0.1 port=1 dbname=x")
+    stale = State(1, max_size=2, watch=False)
+    read_end, write_end = os.pipe()
+    other_read, other_write = os.pipe()
+    slot = Slot.__new__(Slot)
+    slot.conn, slot.fd, slot.out_since = object(), read_end, None
+    slot.file_id = _conn.file_id(other_read)  # the socket it was is gone; read_end is something else now
+    stale.slots[slot.conn] = slot
+    try:
+        pool._forget(stale)
+        assert _open(read_end)  # not ours any more: untouched
+    finally:
+        for fd in (read_end, write_end, other_read, other_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
