@@ -43,6 +43,8 @@ from pgpool_wsgi import ConnectionPool, PoolClosed, PoolError, PoolTimeout, _con
 from pgpool_wsgi import _state as state_module  # noqa: E402
 from pgpool_wsgi._dsn import Target  # noqa: E402
 
+RUN: Run
+
 
 class Injected(BaseException):
     """Stands for gevent.Timeout, KeyboardInterrupt, SystemExit, GreenletExit."""
@@ -57,6 +59,8 @@ class Run:
         self.killed: set[int] = set()  # backend pids we terminated (errors on them are expected)
         self.inject = 0.0  # probability per blocking call
         self.stop = threading.Event()
+        self.gate = threading.Event()  # cleared around a C fork: workers pause between operations
+        self.gate.set()
         self.guard = threading.Lock()
 
     def count(self, name: str) -> None:
@@ -138,7 +142,8 @@ class Run:
             with conn.cursor() as cur:
                 kind = rng.random()
                 if kind < 0.15:
-                    cur.execute("SELECT pg_sleep(%s), %s::text", (rng.random() * 0.02, token))
+                    pause = 0.3 if kind < 0.03 else rng.random() * 0.02  # some are still running at a fork
+                    cur.execute("SELECT pg_sleep(%s), %s::text", (pause, token))
                     got = cur.fetchone()[1]
                 elif kind < 0.25:
                     cur.execute("DO $$BEGIN RAISE NOTICE 'n'; END$$")
@@ -181,6 +186,7 @@ class Run:
     def worker(self, pool: ConnectionPool, seed: int) -> None:
         rng = random.Random(seed)
         while not self.stop.is_set():
+            self.gate.wait(5)
             try:
                 if self.mode == "gevent":
                     import gevent
@@ -228,7 +234,7 @@ class Run:
 
 
 def child(run: Run, pool: ConnectionPool, lent: Any, rng: random.Random) -> None:
-    signal.alarm(10)  # default action: killed; a hang becomes a failure
+    signal.alarm(int(os.environ.get("TORTURE_CHILD_ALARM", "10")))  # default action: killed; a hang is a failure
     run.inject = 0.0  # the child checks the pool, it does not torture it
     code = 0
     try:
@@ -255,17 +261,22 @@ def c_fork() -> int:
 
     CPython itself cannot survive that while another thread has asked for
     the GIL: the child then waits in drop_gil() for a thread that does not
-    exist there. A long switch interval and a sleep (re-taking the GIL
-    clears the request) keep that CPython hazard out of the pool's test.
+    exist there (seen with gdb: drop_gil). Pausing the threads that run
+    Python, a long switch interval and a sleep (re-taking the GIL clears
+    the request) keep that CPython hazard out of the pool's test; threads
+    inside a query stay there.
     PyDLL keeps the GIL across the call.
     """
     interval = sys.getswitchinterval()
+    RUN.gate.clear()  # threads running Python pause; those inside a query stay there
+    time.sleep(0.03)
     sys.setswitchinterval(1000.0)
     time.sleep(0.001)
     try:
         return int(ctypes.PyDLL(None).fork())
     finally:
         sys.setswitchinterval(interval)
+        RUN.gate.set()
 
 
 def fork_once(run: Run, pool: ConnectionPool, rng: random.Random) -> None:
@@ -350,7 +361,8 @@ def main() -> int:
 
     faulthandler.enable()  # inherited by children: a hung one shows its stacks on SIGABRT
     logging.getLogger("pgpool_wsgi").disabled = True  # see README: logging's locks and C forks
-    run = Run(ARGS["seed"], ARGS["seconds"], ARGS["mode"], ARGS["dsn"])
+    global RUN
+    run = RUN = Run(ARGS["seed"], ARGS["seconds"], ARGS["mode"], ARGS["dsn"])
     rng = run.rng
     if run.mode == "threads":
         sys.setswitchinterval(rng.choice([1e-6, 1e-5, 1e-4]))
