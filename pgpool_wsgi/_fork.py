@@ -37,7 +37,7 @@ class Home:
         # id(conn) -> (conn, fd, what fd refers to): connections checked out
         # when we forked, which the application may still give back here.
         self._inherited: dict[int, tuple[Any, int, tuple[int, int] | None]] = {}
-        _homes.add(self)
+        _pools.add(self)
 
     def _new_state(self, pid: int) -> State:
         raise NotImplementedError
@@ -93,14 +93,14 @@ class Home:
         return True
 
 
-_homes: weakref.WeakSet[Home] = weakref.WeakSet()
+_pools: weakref.WeakSet[Home] = weakref.WeakSet()
 
 
 def _before() -> None:
     # In the parent, before os.fork(): close our idle connections so a
     # pre-forking master (gunicorn --preload) keeps none. Never wait for a
     # pool lock here: its holder may be the thread that is forking.
-    for home in list(_homes):
+    for home in list(_pools):
         state = home._state
         if state.pid != os.getpid() or not state.lock.acquire(blocking=False):
             continue
@@ -114,7 +114,7 @@ def _before() -> None:
 def _after_in_child() -> None:
     # Release inherited sockets right away. Makes no lock (gevent may patch
     # threading later), takes none, and calls nothing in psycopg2.
-    for home in list(_homes):
+    for home in list(_pools):
         state = home._state
         if state.pid and state.pid != os.getpid():
             try:
