@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench bench-quick bench-tools lint postgres pgbouncer clean
+.PHONY: test torture demo bench bench-quick bench-tools lint postgres pgbouncer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ pgbouncer:
 
 test: postgres pgbouncer $(VENV)/.stamp-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The torture test with fresh seeds for SECONDS (a failure prints the seed that reproduces it).
+SECONDS ?= 600
+torture: postgres $(VENV)/.stamp-test
+	PGPOOL_TORTURE_SECONDS=$(SECONDS) $(BIN)/python -m pytest tests/test_torture.py -k for_long -s $(PYTEST_ARGS)
 
 demo: postgres $(VENV)/.stamp-demo
 	$(BIN)/python demo/run_demo.py

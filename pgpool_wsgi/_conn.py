@@ -41,7 +41,7 @@ class _SelectPoll:
         self._fds.add(fd)
 
     def unregister(self, fd: int) -> None:
-        self._fds.remove(fd)
+        self._fds.discard(fd)
 
     def poll(self, timeout: int) -> list[tuple[int, int]]:
         readable = select.select(list(self._fds), [], [], timeout)[0] if self._fds else []
@@ -69,20 +69,30 @@ class Watcher:
     way goes on with the last one.
     """
 
-    __slots__ = ("_lock", "_poll", "fresh_until", "snapshot")
+    __slots__ = ("_lock", "_owners", "_poll", "fresh_until", "snapshot")
 
     def __init__(self) -> None:
         self._poll = _poll() if _poll is not None else _SelectPoll()
         self._lock = threading.Lock()
+        # fd -> the slot that registered it. When a backend dies mid-query,
+        # libpq closes the socket and the next connect may get the same
+        # number: the broken connection's removal must not unwatch the new one.
+        self._owners: dict[int, object] = {}
         self.snapshot: tuple[float, frozenset[int]] = (0.0, frozenset())
         self.fresh_until = 0.0
 
-    def add(self, fd: int) -> None:
-        self._poll.register(fd, _READ_EVENTS)
+    def add(self, fd: int, owner: object) -> None:
+        self._owners[fd] = owner
+        self._poll.register(fd, _READ_EVENTS)  # registering again modifies: harmless
 
-    def remove(self, fd: int) -> None:
-        with contextlib.suppress(KeyError):
-            self._poll.unregister(fd)
+    def remove(self, fd: int, owner: object) -> None:
+        if self._owners.get(fd) is owner:
+            del self._owners[fd]
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._poll.unregister(fd)
+
+    def watched(self) -> set[int]:
+        return set(self._owners)
 
     def look(self, now: float, *, wait: bool = False) -> tuple[float, frozenset[int]]:
         if self._lock.acquire(wait):
@@ -346,22 +356,56 @@ def close(conn: Any) -> None:
         conn.close()
 
 
-def drop_inherited(conn: Any) -> None:
-    """Release a connection opened by another process without touching its socket.
+def close_all(conns: Iterable[Any]) -> None:
+    """Close each of these connections, even if closing one of them is interrupted."""
+    failure: BaseException | None = None
+    for conn in conns:
+        try:
+            close(conn)
+        except BaseException as exc:  # noqa: BLE001 - re-raised once all are closed
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
-    ``close()`` would send Terminate on a socket the parent still uses. We
-    point the descriptor at /dev/null first, so the Terminate (and, with
-    SSL, the close_notify) go nowhere, then let psycopg2 free it all.
-    """
-    if conn.closed:
-        return
+
+def file_id(fd: int) -> tuple[int, int] | None:
+    """What a descriptor number refers to (device, inode), or None if it is not open."""
     try:
-        fd = conn.fileno()
-    except (psycopg2.Error, OSError, ValueError):
-        return
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def drop_inherited(fd: int, ident: tuple[int, int] | None, *, held: bool) -> tuple[int, int] | None:
+    """Release the descriptor of a connection another process opened; no byte is sent.
+
+    Nothing here calls into psycopg2: it holds a per-connection mutex during
+    every call, and a fork taken while another thread was inside one copies
+    that mutex locked, so even ``close()`` would wait forever. Freeing the
+    object later is safe (psycopg2 skips the close when the pid differs).
+
+    ``ident`` (:func:`file_id` when the connection was opened): the number is
+    only touched if it still refers to that socket. After a fork done in C
+    the release waits for the first checkout, and by then the process may
+    have closed the number and reused it for a file of its own.
+
+    ``held``: the application may still hold the connection (it was checked
+    out at fork time). Its number is pointed at /dev/null and stays reserved,
+    so any use of it fails harmlessly instead of writing to a socket that
+    this process opens later under the same number; it is closed when the
+    connection is given back (pass the returned ident then). Otherwise the
+    number is closed at once. Returns what the number refers to afterwards.
+    """
+    if fd < 0 or file_id(fd) != ident:
+        return None
+    if not held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        return None
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
-    close(conn)
+    return file_id(fd)

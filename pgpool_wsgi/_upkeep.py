@@ -12,20 +12,33 @@ import math
 import os
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _conn, _deploy
 from ._state import Slot, State
-
-if TYPE_CHECKING:
-    from .pool import ConnectionPool
 
 log = logging.getLogger("pgpool_wsgi")
 
 _SWEEP_EVERY = 1.0  # seconds between looks for connections idle beyond max_idle
 
 
-def run(pool: ConnectionPool, state: State, now: float) -> None:
+class Settings(Protocol):
+    """What upkeep reads of a pool (its public settings)."""
+
+    name: str
+    min_size: int
+    max_size: int
+    max_idle: float
+    leak_timeout: float
+    leak_debug: bool
+
+
+if TYPE_CHECKING:
+    ConnectionPool = Settings  # check_capacity's annotation
+
+
+def run(pool: Settings, state: State, now: float, open_slot: Callable[[State], Slot]) -> None:
     """Called after a return when ``state.next_upkeep`` has come."""
     if state.pid != os.getpid():
         return  # a stale state in a child forked without hooks: never touch its sockets
@@ -33,36 +46,35 @@ def run(pool: ConnectionPool, state: State, now: float) -> None:
     if pool.max_idle < math.inf:
         sweep_idle(pool, state, now)
     if state.reserved < pool.min_size:
-        top_up(pool, state)
+        top_up(pool, state, open_slot)
 
 
-def top_up(pool: ConnectionPool, state: State) -> None:
-    """Open connections until ``min_size`` are open in this process, one caller at a time."""
+def top_up(pool: Settings, state: State, open_slot: Callable[[State], Slot]) -> None:
+    """Open ONE connection towards ``min_size`` (a returning request pays for at most one).
+
+    While below ``min_size`` the next return comes back here.
+    """
     with state.lock:
-        if state.filling or not state.accepting:
+        if state.filling or not state.accepting or state.backoff or state.reserved >= pool.min_size:
             return
         state.filling = True
+        state.reserve(checkout=False)
     try:
-        while True:
-            with state.lock:
-                if state.reserved >= pool.min_size or not state.accepting or state.backoff:
-                    return
-                state.reserved += 1
-            try:
-                slot = pool._open(state)
-            except Exception:  # noqa: BLE001 - logged by _open; the next return retries
-                with state.lock:
-                    state.reserved -= 1
-                    pool._hand_place(state)
-                return
-            with state.lock:
-                state.add(slot)
-                if state.waiters:
-                    pool._hand_over(state, slot, slot.last_used)
-                else:
-                    state.idle.insert(0, slot)  # at the bottom: used connections stay on top
-    finally:
+        slot = open_slot(state)
+    except BaseException as exc:
+        with state.lock:
+            state.connect_failed(checkout=False)
+            state.filling = False
+        if isinstance(exc, Exception):
+            return  # logged by the connect; the next return retries
+        raise
+    with state.lock:
         state.filling = False
+        kept = state.park_spare(slot)
+        if state.reserved < pool.min_size:
+            state.next_upkeep = 0.0
+    if not kept:
+        _conn.close(slot.conn)  # the pool was closed while we connected
 
 
 # pg_settings, not two-argument current_setting(): that is missing before
@@ -112,7 +124,7 @@ def check_capacity(pool: ConnectionPool, conn: Any) -> None:
                     accepted, why)
 
 
-def drop_dead_idle(pool: ConnectionPool, state: State) -> None:
+def drop_dead_idle(pool: Settings, state: State) -> None:
     """Test every idle connection (no round trip) and discard the dead ones."""
     watcher = state.watcher
     if watcher is None:
@@ -124,16 +136,14 @@ def drop_dead_idle(pool: ConnectionPool, state: State) -> None:
     if not dead:
         return
     with state.lock:
-        gone = pool._take_idle(state, [s for s in dead if s in state.idle])
+        gone = state.take_idle(dead)
         state.discarded += len(gone)
-        pool._hand_places(state)
     if gone:
         log.warning("%s: discarded %d more idle connection(s) closed by the server", pool.name, len(gone))
-    for slot in gone:
-        _conn.close(slot.conn)
+    _conn.close_all(slot.conn for slot in gone)
 
 
-def sweep_idle(pool: ConnectionPool, state: State, now: float) -> None:
+def sweep_idle(pool: Settings, state: State, now: float) -> None:
     """Close connections idle longer than ``max_idle``, keeping ``min_size`` open."""
     with state.lock:
         stale = 0
@@ -141,15 +151,14 @@ def sweep_idle(pool: ConnectionPool, state: State, now: float) -> None:
             if now - slot.last_used < pool.max_idle or len(state.slots) - stale <= pool.min_size:
                 break
             stale += 1
-        taken = pool._take_idle(state, state.idle[:stale])
+        taken = state.take_idle(state.idle[:stale])
         state.discarded += len(taken)
-        pool._hand_places(state)
     for slot in taken:
         log.info("%s: closed a connection idle for %.0f s (max_idle)", pool.name, now - slot.last_used)
-        _conn.close(slot.conn)
+    _conn.close_all(slot.conn for slot in taken)
 
 
-def on_checkout(pool: ConnectionPool, state: State, slot: Slot, now: float) -> None:
+def on_checkout(pool: Settings, state: State, slot: Slot, now: float) -> None:
     """Called after a checkout when ``state.next_leak_scan`` has come (always, with leak_debug)."""
     if pool.leak_debug:
         slot.stack = "".join(traceback.format_stack(limit=14)[:-2])
@@ -157,7 +166,7 @@ def on_checkout(pool: ConnectionPool, state: State, slot: Slot, now: float) -> N
         scan_leaks(pool, state, now)
 
 
-def scan_leaks(pool: ConnectionPool, state: State, now: float) -> None:
+def scan_leaks(pool: Settings, state: State, now: float) -> None:
     """Warn once about each connection held longer than ``leak_timeout``."""
     state.leak_scan_due = now + min(1.0, pool.leak_timeout / 2)  # inf: never again
     state.next_leak_scan = -math.inf if pool.leak_debug else state.leak_scan_due
@@ -170,11 +179,15 @@ def scan_leaks(pool: ConnectionPool, state: State, now: float) -> None:
             report_leak(pool, state, slot, now - out_since, returned=False)
 
 
-def report_leak(pool: ConnectionPool, state: State, slot: Slot, held: float, *, returned: bool) -> None:
+def report_leak(pool: Settings, state: State, slot: Slot, held: float, *, returned: bool) -> None:
     slot.leak_reported = True
     state.leaks += 1
+    log_it, skipped = state.leak_log.allow(time.monotonic())
+    if not log_it:
+        return
     where = f"; checked out at:\n{slot.stack}" if slot.stack else ""
     holder = "an unnamed caller" if slot.label is None else str(slot.label)  # now: the label may change
-    log.warning("%s: connection held for %.1f s by %s (leak_timeout=%g s)%s%s",
+    more = f" ({skipped} more leak warning(s) not logged)" if skipped else ""
+    log.warning("%s: connection held for %.1f s by %s (leak_timeout=%g s)%s%s%s",
                 pool.name, held, holder, pool.leak_timeout,
-                " and returned" if returned else ", not returned yet", where)
+                " and returned" if returned else ", not returned yet", more, where)

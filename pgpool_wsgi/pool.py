@@ -14,16 +14,16 @@ import contextlib
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-import psycopg2
+from psycopg2.extensions import STATUS_READY
 
 from . import _conn, _fork, _upkeep
 from ._dsn import Target
-from ._state import CLOSED, CONNECT, Slot, State, Unused, Waiter
+from ._open import Opener
+from ._state import CLOSED, SHED, Slot, State, Waiter
 from .config import POOL, validate
 from .errors import PoolClosed, PoolError, PoolTimeout
 
@@ -35,16 +35,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgpool_wsgi")
 
-_BACKOFF_FIRST = 0.1  # seconds after the first failed connect
-_BACKOFF_MAX = 1.0  # recovery within about a second of the server coming back
-_LIFETIME_JITTER = 0.1
 _NEVER = math.inf
 
 _getpid = os.getpid
 _now = time.monotonic
 
 
-class ConnectionPool:
+class ConnectionPool(_fork.Home):
     """A pool of psycopg2 connections that is safe across ``fork()`` and threads.
 
     Nothing connects when the pool is built: each process opens its own
@@ -83,15 +80,13 @@ class ConnectionPool:
         self.leak_debug: bool = opts["leak_debug"]
         # How long a connection may sit idle before the fast checkout test fails.
         self._idle_limit = min(self.max_idle, self.ping_after if self.check == "ping" else _NEVER)
-        self._configure = opts["configure"]
-        self._check_capacity: bool = opts["check_capacity"]
-        self._plain_reset = self.reset_sql is None  # returns may take the fast path
+        self._idle_limited = self._idle_limit < _NEVER
         self._target = Target(opts["dsn"], opts["connect_kwargs"], opts["connect_timeout"])
+        self._opener = Opener(self, self._target, configure=opts["configure"], check_capacity=opts["check_capacity"],
+                              max_lifetime=self.max_lifetime, idle_limit=self._idle_limit,
+                              plain_reset=self.reset_sql is None)  # no reset_sql: returns may take the fast path
         self._closed = False
-        self._state: State = Unused()
-        self._states: dict[int, State] = {}
-        self._inherited: dict[int, Any] = {}  # id -> connection checked out when we forked
-        _fork.register(self)
+        super().__init__()  # per-process states; registers for the at-fork hooks
         log.info("%s: ready for %s (max_size=%d); connections open on first use",
                  self.name, self._target.describe(), self.max_size)
 
@@ -108,21 +103,19 @@ class ConnectionPool:
         """Where this pool connects (printable; the password is masked)."""
         return self._target
 
-    # -- processes ------------------------------------------------------------
+    def _new_state(self, pid: int) -> State:
+        return State(pid, max_size=self.max_size, min_size=self.min_size, watch=self.check != "none",
+                     closed=self._closed)
 
-    def _process_state(self) -> State:
-        """This process's state, made on first use here (after a fork: reset)."""
-        return _fork.process_state(self)
+    def __copy__(self) -> ConnectionPool:
+        raise TypeError(f"{self.name}: a ConnectionPool cannot be copied or pickled; share the pool itself "
+                        "(it is thread-safe, and each process opens its own connections)")
 
-    @staticmethod
-    def _take_idle(state: State, taken: list[Slot]) -> list[Slot]:
-        # Under the lock: take these idle slots out of the pool (the caller closes them).
-        gone = set(map(id, taken))
-        state.idle = [s for s in state.idle if id(s) not in gone]
-        for slot in taken:
-            state.remove(slot)
-        state.reserved -= len(taken)
-        return taken
+    def __deepcopy__(self, memo: object) -> ConnectionPool:
+        return self.__copy__()
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        return self.__copy__()
 
     # -- checkout -------------------------------------------------------------
 
@@ -138,9 +131,9 @@ class ConnectionPool:
         now = _now()
         lock = state.lock
         lock.acquire()
-        if state.idle and state.accepting:
-            slot = state.idle.pop()
+        if state.idle and state.accepting:  # State.checkout's first branch, inlined: the hot path
             state.checkouts += 1
+            slot = state.idle.pop()
             lock.release()
             watcher = state.watcher
             if watcher is None:
@@ -151,8 +144,11 @@ class ConnectionPool:
                 if now >= slot.good_until or (slot.fd in ready and slot.last_used <= taken_at):
                     slot = self._renew(state, slot, now)
         else:
-            lock.release()
-            slot = self._acquire(state, self.timeout if timeout is None else timeout)
+            try:  # the same lock hold as the idle check: no return can slip in between
+                got = state.checkout(self.max_waiting)
+            finally:
+                lock.release()
+            slot = self._acquire(state, got, self.timeout if timeout is None else timeout)
             now = _now()
         slot.out_since = now
         slot.label = label
@@ -162,120 +158,92 @@ class ConnectionPool:
 
     def _renew(self, state: State, slot: Slot, now: float) -> Slot:
         """An idle connection failed the fast test: keep it, or replace it (I/O, no lock)."""
-        routine = False
-        if now >= slot.expires or now - slot.last_used >= self.max_idle:
-            reason = "max_lifetime or max_idle reached"
-            routine = True
-        elif state.watcher is not None and not _conn.examine(slot.conn):
-            reason = "closed by the server while idle"
-            _upkeep.drop_dead_idle(self, state)  # a restart or a purge closes them all
-        elif self.check == "ping" and now - slot.last_used > self.ping_after and not _conn.ping(slot.conn):
-            reason = "no answer to a ping"
-        else:
+        try:
+            reason, routine = self._unfit(state, slot, now)
+        except BaseException:
+            self._discard(state, slot, "interrupted while being tested")
+            raise
+        if reason is None:
             return slot
-        self._discard(state, slot, reason, keep_place=True, routine=routine)
+        try:
+            self._discard(state, slot, reason, keep_place=True, routine=routine)
+        except BaseException:
+            with state.lock:
+                state.connect_failed(checkout=True)
+            raise
         return self._connect(state)
 
-    def _acquire(self, state: State, timeout: float) -> Slot:
-        """The slow path: no idle connection (or the pool is closed)."""
-        waiter: Waiter | None = None
-        shed = False
-        # Under the lock only reserve a place or queue up; I/O comes after.
-        # A checkout is counted when it is given a connection or a place.
-        with state.lock:
-            if self._closed:
-                raise PoolClosed(f"{self.name}: the pool is closed")
-            if state.reserved < self.max_size:
-                state.reserved += 1
-                state.checkouts += 1
-            elif self.max_waiting and len(state.waiters) >= self.max_waiting:
-                state.timeouts += 1
-                shed = True
-            else:
-                waiter = Waiter()
-                state.waiters.append(waiter)
-        if shed:
+    def _unfit(self, state: State, slot: Slot, now: float) -> tuple[str | None, bool]:
+        # Why an idle connection must be replaced (and whether that is routine), or None.
+        if now >= slot.expires or now - slot.last_used >= self.max_idle:
+            return "max_lifetime or max_idle reached", True
+        if state.watcher is not None and not _conn.examine(slot.conn):
+            _upkeep.drop_dead_idle(self, state)  # a restart or a purge closes them all
+            return "closed by the server while idle", False
+        if self.check == "ping" and now - slot.last_used > self.ping_after and not _conn.ping(slot.conn):
+            return "no answer to a ping", False
+        return None, False
+
+    def _acquire(self, state: State, got: object, timeout: float) -> Slot:
+        """The slow path: what State.checkout gave when nothing was idle."""
+        if isinstance(got, Waiter):
+            got = self._wait(state, got, timeout)
+        if isinstance(got, Slot):
+            return got  # just returned by another thread: fresh, no check needed
+        if got == CLOSED:
+            raise PoolClosed(f"{self.name}: the pool is closed")
+        if got == SHED:
             raise PoolTimeout(f"{self.name}: {self.max_waiting} checkouts already waiting "
                               f"(max_waiting={self.max_waiting}, max_size={self.max_size})")
-        if waiter is not None:
-            got = self._wait(state, waiter, timeout)
-            if got is CLOSED:
-                raise PoolClosed(f"{self.name}: the pool was closed while waiting")
-            if isinstance(got, Slot):
-                return got  # just returned by another thread: fresh, no check needed
-        return self._connect(state)
+        return self._connect(state)  # CONNECT: a place is ours
 
     def _wait(self, state: State, waiter: Waiter, timeout: float) -> object:
-        if waiter.wait(timeout):
-            return waiter.result
-        with state.lock:
-            try:
-                state.waiters.remove(waiter)
-            except ValueError:
-                lost_race = True  # a giver took us off the line: its gift is on the way
+        deadline = _now() + timeout
+        try:
+            while not waiter.wait(deadline - _now()):
+                if _now() >= deadline:
+                    break
             else:
-                lost_race = False
+                return waiter.result
+        except BaseException:
+            # Interrupted (a gevent.Timeout, KeyboardInterrupt...): leave the
+            # line, or hand on what was given meanwhile.
+            with state.lock:
+                got = state.leave_line(waiter)
+                orphan = state.hand_on(got, _now()) if got is not None else None
+            if orphan is not None:
+                _conn.close(orphan.conn)
+            raise
+        with state.lock:
+            got = state.leave_line(waiter)
+            if got is None:
                 state.timeouts += 1
                 in_use = len(state.slots) - len(state.idle)
-        if lost_race:
-            return waiter.take()
+        if got is not None:
+            return got  # given just as the time ran out
+        if self.leak_timeout < _NEVER:
+            _upkeep.scan_leaks(self, state, _now())  # a leak that exhausts the pool is the one to report
         raise PoolTimeout(f"{self.name}: no connection free after waiting {timeout:g} s "
                           f"(max_size={self.max_size}, in use={in_use})")
 
     def _connect(self, state: State) -> Slot:
         """Open a connection in a place already reserved; give the place back on failure."""
         try:
-            slot = self._open(state)
+            slot = self._opener.open(state)
         except BaseException:
             with state.lock:
-                state.reserved -= 1
-                state.checkouts -= 1
-                self._hand_place(state)
+                state.connect_failed(checkout=True)
             raise
         with state.lock:
-            state.add(slot)
+            closed = state.closed
+            if closed:  # close() came while we connected: a closed pool hands out nothing
+                state.connect_failed(checkout=True)
+            else:
+                state.opened(slot)
+        if closed:
+            _conn.close(slot.conn)
+            raise PoolClosed(f"{self.name}: the pool was closed while connecting")
         return slot
-
-    def _open(self, state: State) -> Slot:
-        now = _now()
-        with state.lock:
-            # After a failed connect, one caller probes; the rest fail fast.
-            if state.backoff and (now < state.retry_at or state.probing):
-                wait = max(state.retry_at - now, 0.0)
-                raise PoolError(f"{self.name}: cannot reach {self._target.describe()} "
-                                f"(last connect failed; next attempt in {wait:.1f} s)")
-            probe = state.probing = bool(state.backoff)
-        try:
-            conn = self._target.connect(state.pid)
-        except psycopg2.Error as exc:
-            with state.lock:
-                state.connect_errors += 1
-                state.backoff = min(max(state.backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
-                state.retry_at = _now() + state.backoff
-            reason = self._target.scrub(str(exc).strip())
-            log.warning("%s: connect to %s failed: %s", self.name, self._target.describe(), reason)
-            raise PoolError(f"{self.name}: cannot connect to {self._target.describe()}: {reason}") from None
-        finally:
-            if probe:  # a connect begun before the backoff must not end someone else's probe
-                state.probing = False
-        with state.lock:
-            state.connects += 1
-            state.backoff = 0.0
-            first = not state.capacity_checked
-            state.capacity_checked = True
-        if first and self._check_capacity and state.accepting:  # not from a uWSGI master: its workers will
-            _upkeep.check_capacity(self, conn)
-        if self._configure is not None:
-            try:
-                self._configure(conn)
-                if conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                    conn.commit()
-            except BaseException:
-                _conn.close(conn)
-                raise
-        now = _now()
-        expires = now + self.max_lifetime * (1 - random.random() * _LIFETIME_JITTER)
-        return Slot(conn, _conn.Session(conn), expires, min(expires, now + self._idle_limit), now)
 
     # -- return ---------------------------------------------------------------
 
@@ -287,32 +255,41 @@ class ConnectionPool:
         ``fork()`` is dropped quietly.
         """
         # The fast path: nothing to reset, nothing to report, the lock free.
-        # It touches no socket and never waits, so it is harmless even in a
+        # It reads attributes only (no psycopg2 call that takes the
+        # connection's lock) and never waits, so it is harmless even in a
         # child forked without at-fork hooks; every other path compares the
         # pid first (_give_back), and so does the next checkout.
         state = self._state
         slot = state.slots.get(conn)
-        if slot is not None and not discard and self._plain_reset and state.accepting:
+        if slot is not None and not discard and slot.plain:
             out_since = slot.out_since
             session = slot.session
-            if (out_since is not None and not conn.get_transaction_status()
+            if (out_since is not None and not conn.get_transaction_status() and conn.status == STATUS_READY
+                    and not conn.notices and not conn.notifies
                     and conn.autocommit is session.autocommit and conn.isolation_level == session.isolation_level
-                    and conn.readonly == session.readonly and conn.deferrable == session.deferrable):
+                    and conn.readonly == session.readonly and conn.deferrable == session.deferrable
+                    and conn.encoding == slot.encoding):  # the same test as _conn.untouched(), inlined
                 now = _now()
                 # Held no longer than leak_timeout, so never reported as a leak.
                 if now < slot.expires and now - out_since <= self.leak_timeout and state.lock.acquire(False):
+                    # accepting is read under the lock: close() may have come meanwhile.
+                    if not state.accepting:  # closed, or a uWSGI master: the slow path closes it
+                        state.lock.release()
+                        self._give_back(conn, discard)
+                        return
                     slot.last_used = now
                     slot.label = None  # may hold a request's environ
-                    good_until = now + self._idle_limit
-                    slot.good_until = good_until if good_until < slot.expires else slot.expires
+                    if self._idle_limited:  # else good_until stays at expires
+                        good_until = now + self._idle_limit
+                        slot.good_until = good_until if good_until < slot.expires else slot.expires
                     if state.waiters:
-                        self._hand_over(state, slot, now)
-                    else:
+                        state.park(slot, now)
+                    else:  # State.park, inlined: the hot path
                         slot.out_since = None
                         state.idle.append(slot)
                     state.lock.release()
                     if now >= state.next_upkeep:
-                        _upkeep.run(self, state, now)
+                        _upkeep.run(self, state, now, self._opener.open)
                     return
         self._give_back(conn, discard)
 
@@ -327,34 +304,26 @@ class ConnectionPool:
         now = _now()
         if now - slot.out_since > self.leak_timeout and not slot.leak_reported:
             _upkeep.report_leak(self, state, slot, now - slot.out_since, returned=True)
-        reason = self._reset_reason(state, slot, discard, now)
+        try:
+            reason = self._reset_reason(state, slot, discard, now)
+        except BaseException:
+            self._discard(state, slot, "interrupted while being reset")  # its I/O was cut short
+            raise
         if reason is not None:
             self._discard(state, slot, reason, routine=reason.startswith("max_lifetime"))
             return
         with state.lock:
-            self._make_idle(state, slot, now)
+            slot.last_used = now
+            slot.label = slot.stack = None
+            good_until = now + self._idle_limit
+            slot.good_until = good_until if good_until < slot.expires else slot.expires
+            slot.leak_reported = False
+            kept = state.park(slot, now)  # re-checks closed: close() may have come during the reset
+        if not kept:
+            _conn.close(conn)
+            return
         if now >= state.next_upkeep:
-            _upkeep.run(self, state, now)
-
-    def _make_idle(self, state: State, slot: Slot, now: float) -> None:
-        # Under the lock: the slot is reset; hand it to the first waiter or keep it.
-        slot.last_used = now
-        slot.label = slot.stack = None
-        good_until = now + self._idle_limit
-        slot.good_until = good_until if good_until < slot.expires else slot.expires
-        slot.leak_reported = False
-        if state.waiters:
-            self._hand_over(state, slot, now)
-        else:
-            slot.out_since = None
-            state.idle.append(slot)
-
-    @staticmethod
-    def _hand_over(state: State, slot: Slot, now: float) -> None:
-        # Under the lock: give a returned connection to the longest waiter.
-        slot.out_since = now
-        state.checkouts += 1
-        state.waiters.popleft().give(slot)
+            _upkeep.run(self, state, now, self._opener.open)
 
     def _reset_reason(self, state: State, slot: Slot, discard: bool, now: float) -> str | None:
         """Reset a returned connection (network I/O); why it must go, or None."""
@@ -369,43 +338,27 @@ class ConnectionPool:
     def _return_unknown(self, conn: Any, slot: Slot | None) -> None:
         if slot is not None:
             raise PoolError(f"{self.name}: putconn() of a connection that is not checked out")
-        if self._inherited.pop(id(conn), None) is conn:
-            _conn.drop_inherited(conn)
-            return
+        if self._drop_lent(conn):
+            return  # checked out before this process was forked: its number is released
         raise PoolError(f"{self.name}: putconn() of a connection this pool did not hand out")
 
     def _discard(self, state: State, slot: Slot, reason: str, *, keep_place: bool = False,
                  routine: bool = False) -> None:
-        """Forget and close a connection; its place goes to a waiter (or stays ours).
+        """Forget and close a connection; its place goes to a waiter (or stays the caller's).
 
         ``reason`` "" closes quietly (closed pool, uWSGI master); a routine
         reason (age) is logged at INFO, anything else at WARNING.
         """
         with state.lock:
-            state.remove(slot)
+            state.forget(slot, keep_place=keep_place)
             if reason:
                 state.discarded += 1
-            if not keep_place:
-                state.reserved -= 1
-                self._hand_place(state)
             if state.reserved < self.min_size:
                 state.next_upkeep = 0.0  # the next return tops up
         if reason:
             log.log(logging.INFO if routine else logging.WARNING, "%s: %s a connection (%s)",
                     self.name, "replaced" if routine else "discarded", reason)
         _conn.close(slot.conn)
-
-    def _hand_place(self, state: State) -> None:
-        # Called under the lock after a place was freed.
-        if state.waiters and state.reserved < self.max_size:
-            state.reserved += 1
-            state.checkouts += 1
-            state.waiters.popleft().give(CONNECT)
-
-    def _hand_places(self, state: State) -> None:
-        # Called under the lock after several places were freed.
-        while state.waiters and state.reserved < self.max_size:
-            self._hand_place(state)
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Any]:
@@ -442,13 +395,15 @@ class ConnectionPool:
         self._closed = True
         state = self._state
         if state.pid != _getpid():
-            _fork.forget(self, state)
+            self._forget(state)  # another process's connections: release, never close
             return
         with state.lock:
-            state.accepting = False
-            idle = self._take_idle(state, state.idle)
-            while state.waiters:
-                state.waiters.popleft().give(CLOSED)
-        for slot in idle:
-            _conn.close(slot.conn)
+            idle = state.close()
+        _conn.close_all(slot.conn for slot in idle)
         log.info("%s: closed (pid %d)", self.name, state.pid)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if this process's pool state is inconsistent (for tests)."""
+        state = self._state
+        if state.pid == _getpid():
+            state.check_invariants()

@@ -45,8 +45,17 @@ def query(conn: Any, sql: str, params: tuple[Any, ...] | None = None) -> Any:
     return row[0]
 
 
+def carried_released(fd: int, parent_inode: str) -> bool:
+    """The child no longer holds the parent's socket under that number (closed, or reused)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") != parent_inode
+    except OSError:
+        return True
+
+
 def child(pool: ConnectionPool, parent_inodes: set[str], parent_pids: set[int], carried: Any,
           return_first: bool) -> dict[str, Any]:
+    carried_fd, carried_inode = carried.fileno(), inode(carried)
     before = socket_inodes() & parent_inodes
     carried_error = None
     if return_first:
@@ -68,7 +77,7 @@ def child(pool: ConnectionPool, parent_inodes: set[str], parent_pids: set[int], 
     after = socket_inodes() & parent_inodes
     pool.putconn(conn)
     return {"backend_pid": pid, "own_backend": pid not in parent_pids, "echo": echo,
-            "carried_closed_in_child": bool(carried.closed),
+            "carried_released_in_child": carried_released(carried_fd, carried_inode),
             "inherited_fds_before_checkout": len(before), "inherited_fds_after_checkout": len(after),
             "carried_error": carried_error, "stats": stats}
 

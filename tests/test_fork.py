@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -68,7 +69,104 @@ def test_fork_while_another_thread_holds_the_pool_lock(pg, fork, lock_held):
     report = run_probe(pg.dsn(), fork=fork, exit="os_exit", lock_held=lock_held, return_first=True)
     child, parent = report["child"], report["parent"]
     assert child["own_backend"] is True and child["carried_error"] is None
-    assert child["carried_closed_in_child"] is True  # dropped by the child, not kept
+    assert child["carried_released_in_child"] is True  # its descriptor released by the child, not kept
     assert child["inherited_fds_after_checkout"] == 0
     assert parent["child_exit_status"] == 0
     assert parent["held_pids_after"] == parent["held_pids_before"] and parent["carried_works"] is True
+
+
+BUSY = Path(__file__).with_name("forkbusy.py")
+
+
+@pytest.mark.parametrize("exit_mode", ["normal", "sys_exit", "os_exit"])
+@pytest.mark.parametrize("fork", ["os", "ctypes"], ids=["os.fork", "C-fork-no-hooks"])
+def test_fork_while_another_thread_is_mid_query(pg, fork, exit_mode):
+    # psycopg2 holds the connection's mutex during execute(): the child must
+    # never call into psycopg2 on that connection (it would wait forever).
+    done = subprocess.run([sys.executable, str(BUSY), json.dumps({"dsn": pg.dsn(), "fork": fork,
+                                                                  "exit": exit_mode})],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    child, parent = report["child"], report["parent"]
+    assert child["exit_status"] == 0, child  # not killed by its alarm: no hang
+    assert "error" not in child, child
+    assert child["backend_pid"] not in child["parent_pids"] and child["same_backend_again"]
+    assert child["inherited_sockets_left"] == 0
+    assert child["stats"]["in_use"] == 0 and child["stats"]["size"] == 1
+    assert parent["busy_finished"] and parent["held_works"]
+    assert parent["stats"]["discarded"] == 0 and parent["stats"]["in_use"] == 0
+
+
+def test_one_failure_does_not_stop_releasing_the_others(monkeypatch):
+    """Pure logic with real descriptors (pipes stand in for inherited sockets)."""
+    import os
+
+    from pgpool_wsgi import ConnectionPool, _conn
+    from pgpool_wsgi._state import Slot, State
+
+    pool = ConnectionPool("host=127.0.0.1 port=1 dbname=x")
+    stale = State(1, max_size=3, watch=False)  # "another process's" state
+    pipes = [os.pipe() for _ in range(3)]
+    for i, (read_end, _) in enumerate(pipes):
+        slot = Slot.__new__(Slot)
+        slot.conn, slot.fd, slot.out_since = object(), read_end, (None if i < 2 else 1.0)
+        slot.file_id = _conn.file_id(read_end)
+        stale.slots[slot.conn] = slot
+    calls: list[int] = []
+    real = _conn.drop_inherited
+
+    def drop(fd: int, ident: object, *, held: bool) -> object:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError("injected")
+        return real(fd, ident, held=held)
+
+    monkeypatch.setattr(_conn, "drop_inherited", drop)
+    try:
+        with pytest.raises(OSError, match="injected"):
+            pool._forget(stale)
+        assert len(calls) == 3 and stale.slots == {}
+        # The two released: the idle one closed, the lent one pointed at /dev/null.
+        assert not _open(pipes[1][0])
+        assert os.readlink(f"/proc/self/fd/{pipes[2][0]}") == os.devnull
+        assert len(pool._inherited) == 1
+    finally:
+        for read_end, write_end in pipes:
+            for fd in (read_end, write_end):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _open(fd: int) -> bool:
+    import os
+
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_number_reused_by_the_child_is_left_alone():
+    """After a C fork the release waits for first use; the number may be the child's own file by then."""
+    import os
+
+    from pgpool_wsgi import ConnectionPool, _conn
+    from pgpool_wsgi._state import Slot, State
+
+    pool = ConnectionPool("host=127.0.0.1 port=1 dbname=x")
+    stale = State(1, max_size=2, watch=False)
+    read_end, write_end = os.pipe()
+    other_read, other_write = os.pipe()
+    slot = Slot.__new__(Slot)
+    slot.conn, slot.fd, slot.out_since = object(), read_end, None
+    slot.file_id = _conn.file_id(other_read)  # the socket it was is gone; read_end is something else now
+    stale.slots[slot.conn] = slot
+    try:
+        pool._forget(stale)
+        assert _open(read_end)  # not ours any more: untouched
+    finally:
+        for fd in (read_end, write_end, other_read, other_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -117,6 +117,42 @@ def test_terminated_idle_connections_never_reach_the_app(running, build):
     assert stats["discarded"] == 5 and stats["connects"] == 6
 
 
+def test_descriptor_reused_after_a_broken_connection_is_still_watched(running, build):
+    # A backend dies mid-query: libpq closes the socket, and the next connect
+    # gets the same descriptor number. Discarding the broken connection must
+    # not stop the watch on the new one.
+    pool = build(ConnectionPool, running.dsn(), max_size=2)
+    broken = pool.getconn()
+    old_fd = broken.fileno()
+    victim = backend_of(broken)
+    killer = threading.Timer(0.3, running.execute, ("SELECT pg_terminate_backend(%s)", (victim,)))
+    killer.start()
+    with pytest.raises(psycopg2.Error), broken.cursor() as cur:
+        cur.execute("SELECT pg_sleep(5)")
+    killer.join(10)
+    fresh = pool.getconn()
+    assert fresh.fileno() == old_fd  # the precondition: the number was reused
+    pool.putconn(broken, discard=True)
+    fresh_pid = backend_of(fresh)
+    pool.putconn(fresh)
+    terminate_ours(running)  # the idle connection's backend is gone
+    conn = pool.getconn()
+    try:
+        assert backend_of(conn) != fresh_pid  # replaced, not handed out dead
+    finally:
+        pool.putconn(conn)
+    pool.check_invariants()
+    assert pool.stats()["discarded"] == 2
+
+
+def backend_of(conn: Any) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        pid: int = cur.fetchone()[0]
+    conn.rollback()
+    return pid
+
+
 def test_idle_session_timeout_connections_are_replaced(running, build):
     dsn = running.dsn(options="'-c idle_session_timeout=300'")
     app = build(PgPoolMiddleware, echo_app, dsn=dsn, max_size=2)

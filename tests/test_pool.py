@@ -386,8 +386,11 @@ def test_no_network_io_while_the_lock_is_held(make_pool, monkeypatch):
 
 
 def test_min_size_is_topped_up_after_first_use(make_pool):
+    # One connect per return: no request pays for more than one it did not ask for.
     pool = make_pool(min_size=3, max_size=5)
     assert pool.stats()["size"] == 0
+    pool.putconn(pool.getconn())
+    assert pool.stats()["size"] == 2 and pool.stats()["idle"] == 2
     pool.putconn(pool.getconn())
     assert pool.stats()["size"] == 3 and pool.stats()["idle"] == 3
     conn = pool.getconn()
@@ -395,6 +398,7 @@ def test_min_size_is_topped_up_after_first_use(make_pool):
     assert pool.stats()["size"] == 2
     pool.putconn(pool.getconn())
     assert pool.stats()["size"] == 3 and pool.stats()["connects"] == 4
+    pool.check_invariants()
 
 
 def test_configure_runs_once_per_new_connection(make_pool):
