@@ -67,6 +67,8 @@ class PoolStats(TypedDict):
     waiting: int
     checkouts: int
     timeouts: int
+    shed: int
+    unreachable: int
     connects: int
     connect_errors: int
     discarded: int

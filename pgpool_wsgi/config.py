@@ -256,7 +256,8 @@ OPTIONS: tuple[Option, ...] = (
            "libpq connection string or postgresql:// URL; unset: `DATABASE_URL`, then libpq's `PG*` variables "
            "and service file (all read when a connection is opened)"),
     Option("min_size", POOL, 0, _integer(0), parse_int, "int",
-           "connections each process keeps open once it has used the pool (opened in the background)"),
+           "connections each process keeps open once it has used the pool; each return opens at most one "
+           "missing connection, after that request's own connection is back"),
     Option("max_size", POOL, 10, _integer(1), parse_int, "int",
            "most connections one process may hold"),
     Option("timeout", POOL, 30.0, _seconds(), parse_seconds, "seconds",
