@@ -21,6 +21,7 @@ import math
 import threading
 from typing import Any
 
+from . import _forkmark
 from ._conn import Watcher, file_id
 from ._deploy import in_uwsgi_master
 
@@ -107,13 +108,17 @@ class State:
     # Slots: the hot paths read a dozen of these per checkout; a plain
     # instance dict this large would lose CPython's fast attribute access.
     __slots__ = ("accepting", "backoff", "capacity_checked", "closed", "connect_log", "connecting", "dropped",
-                 "filling", "idle", "leak_log", "leak_scan_due", "lock", "max_size", "min_size", "next_leak_scan",
-                 "next_upkeep", "pid", "probing", "reserved", "retry_at", "slots", "waiters", "watcher",
-                 *COUNTERS)
+                 "filling", "idle", "leak_log", "leak_scan_due", "lock", "mark", "max_size", "min_size",
+                 "next_leak_scan", "next_upkeep", "pid", "probing", "reserved", "retry_at", "slots", "waiters",
+                 "watcher", *COUNTERS)
 
     def __init__(self, pid: int, *, max_size: int, min_size: int = 0, watch: bool = True,
                  closed: bool = False) -> None:
         self.pid = pid
+        # mark[0] is true in this process only: the checkout's fork test
+        # without a system call (see _forkmark). Made here, in the process
+        # that owns the state.
+        self.mark = _forkmark.current()
         self.max_size = max_size
         self.min_size = min_size
         self.lock = threading.Lock()
@@ -319,6 +324,7 @@ class Unused(State):
 
     def __init__(self) -> None:  # no lock: nothing may be created at import time
         self.pid = 0
+        self.mark = _forkmark.NOWHERE  # reads 0: the first checkout makes the real state
         self.watcher = None
         self.slots = {}
         self.idle = []

@@ -126,7 +126,7 @@ class ConnectionPool(_fork.Home):
         Raises :class:`PoolTimeout`, :class:`PoolClosed` or :class:`PoolError`.
         """
         state = self._state
-        if state.pid != _getpid():
+        if not state.mark[0]:  # made in another process (a fork), or unused: no system call here
             state = self._process_state()
         now = _now()
         lock = state.lock
@@ -256,12 +256,13 @@ class ConnectionPool(_fork.Home):
         """
         # The fast path: nothing to reset, nothing to report, the lock free.
         # It reads attributes only (no psycopg2 call that takes the
-        # connection's lock) and never waits, so it is harmless even in a
-        # child forked without at-fork hooks; every other path compares the
-        # pid first (_give_back), and so does the next checkout.
+        # connection's lock) and never waits. It is taken only by the process
+        # that owns the state (the fork mark, no system call): in a child
+        # forked without at-fork hooks, a return goes to _give_back, which
+        # compares the pid and drops what was inherited.
         state = self._state
         slot = state.slots.get(conn)
-        if slot is not None and not discard and slot.plain:
+        if slot is not None and not discard and slot.plain and state.mark[0]:
             out_since = slot.out_since
             session = slot.session
             if (out_since is not None and not conn.get_transaction_status() and conn.status == STATUS_READY

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from pgpool_wsgi import ConnectionPool
+from pgpool_wsgi import ConnectionPool, _forkmark
 
 
 def sockets() -> set[str]:
@@ -57,6 +57,8 @@ def child(pool: ConnectionPool, held: Any, inherited: set[str]) -> dict[str, Any
 
 def main() -> int:
     args = json.loads(sys.argv[1])
+    if os.environ.get("PGPOOL_TEST_FORK_CHECK") == "pid":
+        _forkmark.refuse()  # the fallback, as where the kernel refuses MADV_WIPEONFORK
     pool = ConnectionPool(args["dsn"], max_size=4, timeout=10)
     held = pool.getconn()
     idle = pool.getconn()
@@ -118,7 +120,7 @@ def main() -> int:
     pool.putconn(held)
     pool.check_invariants()
     parent["stats"] = pool.stats()
-    print(json.dumps({"child": child_report, "parent": parent}))
+    print(json.dumps({"fork_check": _forkmark.mechanism(), "child": child_report, "parent": parent}))
     pool.close()
     return 0
 

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from pgpool_wsgi import ConnectionPool
+from pgpool_wsgi import ConnectionPool, _forkmark
 
 
 def socket_inodes() -> set[str]:
@@ -84,6 +84,8 @@ def child(pool: ConnectionPool, parent_inodes: set[str], parent_pids: set[int], 
 
 def main() -> int:
     args = json.loads(sys.argv[1])
+    if os.environ.get("PGPOOL_TEST_FORK_CHECK") == "pid":
+        _forkmark.refuse()  # the fallback, as where the kernel refuses MADV_WIPEONFORK
     pool = ConnectionPool(args["dsn"], max_size=6, timeout=10)
     held = [pool.getconn() for _ in range(2)]
     carried = pool.getconn()
@@ -169,7 +171,7 @@ def main() -> int:
     for conn in reused:
         pool.putconn(conn)
     after["parent_stats"] = pool.stats()
-    print(json.dumps({"child": child_report, "parent": after}))
+    print(json.dumps({"fork_check": _forkmark.mechanism(), "child": child_report, "parent": after}))
     pool.close()
     return 0
 

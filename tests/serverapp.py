@@ -28,7 +28,12 @@ from urllib.parse import parse_qs
 
 import psycopg2.extensions
 
-from pgpool_wsgi import PgPoolMiddleware
+from pgpool_wsgi import PgPoolMiddleware, _forkmark
+
+# The fork test's fallback (the pid comparison), as a kernel that refuses
+# MADV_WIPEONFORK would give: set by tests/test_servers.py for some cases.
+if os.environ.get("PGPOOL_TEST_FORK_CHECK") == "pid":
+    _forkmark.refuse()
 
 ECHO_SQL = "SELECT %s::text, pg_backend_pid(), current_setting('application_name'), pg_sleep(%s)"
 
@@ -56,6 +61,7 @@ def echo(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterabl
         "fork_resets": stats["fork_resets"],
         "wait_callback": _wait_callback(),
         "ssl": bool(conn.info.ssl_in_use),
+        "fork_check": _forkmark.mechanism(),
     }).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,19 @@ import pytest
 PROBE = Path(__file__).with_name("forkprobe.py")
 
 
+@pytest.fixture(autouse=True, params=["wipeonfork", "pid"])
+def fork_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every fork test runs with the fork mark's page and with its fallback, the pid comparison."""
+    monkeypatch.setenv("PGPOOL_TEST_FORK_CHECK", request.param)
+    return str(request.param)
+
+
 def run_probe(dsn: str, **args: Any) -> dict[str, Any]:
     done = subprocess.run([sys.executable, str(PROBE), json.dumps({"dsn": dsn, **args})],
                           capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["fork_check"] == os.environ["PGPOOL_TEST_FORK_CHECK"]
     assert "error" not in report["child"], report["child"]
     return report
 
@@ -88,6 +97,7 @@ def test_fork_while_another_thread_is_mid_query(pg, fork, exit_mode):
                           capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["fork_check"] == os.environ["PGPOOL_TEST_FORK_CHECK"]
     child, parent = report["child"], report["parent"]
     assert child["exit_status"] == 0, child  # not killed by its alarm: no hang
     assert "error" not in child, child

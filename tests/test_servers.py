@@ -54,6 +54,7 @@ class Case:
     min_size: int = 0
     ssl: bool = False  # sslmode=require: a shared socket would fail with "decryption failed or bad record mac"
     sleep: float = 0.0  # seconds of pg_sleep per request, so requests overlap
+    fork_check: str = "wipeonfork"  # or "pid": the fallback where the kernel refuses the page
 
 
 def command(case: Case, port: int) -> list[str]:
@@ -99,14 +100,19 @@ CASES = [
     pytest.param(Case("uwsgi", ("--max-requests", "150", "--max-requests-delta", "50", "--min-worker-lifetime", "0",
                                 "--forkbomb-delay", "0"), prefork=True, recycle=True), id="uwsgi-max-requests"),
     pytest.param(Case("waitress", ("--threads=8",), workers=0, waits=True, sleep=0.005), id="waitress"),
+    # The same fork cases with the fork mark's fallback, the pid comparison.
+    pytest.param(Case("gunicorn", ("--preload",), prefork=True, fork_check="pid"), id="gunicorn-sync-preload-pid"),
+    pytest.param(Case("uwsgi", prefork=True, fork_check="pid"), id="uwsgi-processes-pid"),
+    pytest.param(Case("uwsgi", ("--lazy-apps",), fork_check="pid"), id="uwsgi-lazy-apps-pid"),
 ]
 
 
-def server_env(pg: PgServer, min_size: int = 0, ssl: bool = False) -> dict[str, str]:
+def server_env(pg: PgServer, min_size: int = 0, ssl: bool = False, fork_check: str = "wipeonfork") -> dict[str, str]:
     """The environment of a server: the DSN in DATABASE_URL, no stray libpq variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
     env.update(DATABASE_URL=pg.dsn(sslmode="require") if ssl else pg.dsn(), PYTHONPATH=str(ROOT),
-               SERVERAPP_MAX_SIZE=str(MAX_SIZE), SERVERAPP_MIN_SIZE=str(min_size), PYTHONUNBUFFERED="1")
+               SERVERAPP_MAX_SIZE=str(MAX_SIZE), SERVERAPP_MIN_SIZE=str(min_size), PYTHONUNBUFFERED="1",
+               PGPOOL_TEST_FORK_CHECK=fork_check)
     return env
 
 
@@ -137,7 +143,7 @@ def observe(server: Server, report: LoadReport, pg: PgServer) -> Observed:
 def run_case(case: Case, pg: PgServer, log_path: Path) -> Observed:
     port = free_port()
     started = time.monotonic()
-    env = server_env(pg, case.min_size, case.ssl)
+    env = server_env(pg, case.min_size, case.ssl, case.fork_check)
     with running(command(case, port), port=port, env=env, log_path=log_path, cwd=ROOT) as server:
         midway = (lambda: server.signal(signal.SIGHUP)) if case.hup else None
         report = run_load(HOST, port, total=REQUESTS, concurrency=CLIENTS, params={"sleep": case.sleep},
@@ -217,6 +223,7 @@ def test_burst_is_served_right(pg: PgServer, tmp_path: Path, case: Case) -> None
     assert_loading(case, seen)
     if case.waits:
         assert max(report.values("waiting")) > 0, "no checkout ever waited: the case tests nothing"
+    assert report.values("fork_check") == {case.fork_check}
     expected_callback = "psycogreen.gevent" if case.gevent else None
     assert report.values("wait_callback") == {expected_callback}
     if case.hup:
