@@ -36,8 +36,11 @@ COMMIT_FAILED_HEADERS = [("Content-Type", "text/plain; charset=utf-8"),
                          ("Content-Length", str(len(COMMIT_FAILED_BODY)))]
 
 # The handles of the requests being served in this thread / greenlet, by pool,
-# while their app runs: a sub-request (webob's Request.blank(...).get_response)
-# builds a new environ, but it runs in the same context and reuses them.
+# while their app runs and while the server iterates and closes their body: a
+# sub-request (webob's Request.blank(...).get_response) builds a new environ,
+# but it runs in the same context and reuses them. A context copied meanwhile
+# (copy_context, an executor) keeps the mapping after the request: finished
+# handles in it are ignored.
 Active = Optional[dict[ConnectionPool, "RequestHandle"]]
 ACTIVE: contextvars.ContextVar[Active] = contextvars.ContextVar("pgpool_wsgi.active", default=None)
 
@@ -63,7 +66,8 @@ class RequestHandle:
     Named pools get a handle each: ``environ["pgpool.<name>"]``, always lazy.
     """
 
-    __slots__ = ("_conn", "_conn_key", "_environ", "_finished", "_lock", "_mode", "_pool", "pool_error", "status")
+    __slots__ = ("_conn", "_conn_key", "_environ", "_finished", "_lock", "_mode", "_pool", "_subs", "pool_error",
+                 "status")
 
     def __init__(self, pool: ConnectionPool, mode: str, environ: WSGIEnvironment,
                  conn_key: str | None = CONN_KEY) -> None:
@@ -73,6 +77,7 @@ class RequestHandle:
         # is freed by reference counting, not left to the cyclic collector.
         self._environ: WSGIEnvironment | None = environ
         self._conn_key = conn_key
+        self._subs: list[WSGIEnvironment] | None = None  # sub-requests' environs given our connection
         self._conn: Any = None
         # Made here, inside the request, so it is gevent's lock under gevent.
         self._lock = threading.Lock()
@@ -96,6 +101,20 @@ class RequestHandle:
         return self._finished
 
     @property
+    def mode(self) -> str:
+        return self._mode
+
+    def lend(self, environ: WSGIEnvironment) -> Any:
+        """Put our connection into a sub-request's environ; it is removed when the connection goes back."""
+        conn = self.conn
+        if self._conn_key is not None:
+            environ[self._conn_key] = conn
+            if self._subs is None:
+                self._subs = []
+            self._subs.append(environ)
+        return conn
+
+    @property
     def conn(self) -> Any:
         """The request's connection; checked out now if it has none."""
         conn = self._conn
@@ -116,6 +135,8 @@ class RequestHandle:
             except PoolError as exc:
                 self.pool_error = exc
                 raise
+            # This handle got its connection after all: its earlier failure no longer explains a 5xx.
+            self.pool_error = None
             # The mode decides, whatever the pool's resting state; the pool's
             # reset puts its own state back when the connection returns.
             autocommit = self._mode == "autocommit"
@@ -138,6 +159,7 @@ class RequestHandle:
             self._give_back(exc, succeeded=succeeded, finish=True)
         finally:
             self._environ = None
+            self._subs = None
 
     def commit(self) -> None:
         """Commit now (commit mode, before the status line goes out); keep the connection."""
@@ -157,10 +179,15 @@ class RequestHandle:
                 self._finished = True
         if conn is None:
             return
-        environ = self._environ
-        if self._conn_key is not None and environ is not None and environ.get(self._conn_key) is conn:
+        key = self._conn_key
+        if key is not None:
             # Never left pointing at a connection another request may hold.
-            del environ[self._conn_key]
+            environ = self._environ
+            if environ is not None and environ.get(key) is conn:
+                del environ[key]
+            for sub in self._subs or ():
+                if sub.get(key) is conn:
+                    del sub[key]
         if self._mode == "commit" and succeeded and exc is None and self.status < 400 and not conn.closed:
             try:
                 conn.commit()
@@ -180,11 +207,12 @@ class Flow:
     become a 500 (PEP 3333 lets a middleware hold it that long).
     """
 
-    __slots__ = ("_held", "_hold", "_server_file_wrapper", "_start", "_write", "failed", "file_body",
+    __slots__ = ("_held", "_hold", "_server_file_wrapper", "_start", "_write", "active", "failed", "file_body",
                  "handles", "out", "refusal", "refused", "sent", "status")
 
     def __init__(self, handles: list[RequestHandle], start_response: StartResponse, hold: bool) -> None:
         self.handles = handles  # the ones this request owns and finishes
+        self.active: Active = None  # ACTIVE's value while the app runs and the body is iterated
         self._start = start_response
         self._hold = hold
         self._held: tuple[str, list[tuple[str, str]], OptExcInfo | None] | None = None
@@ -193,7 +221,7 @@ class Flow:
         self.sent = False  # the server has our status line (it goes out with the first chunk)
         self.out = False  # a non-empty chunk went to the server: the status is final
         self.failed: OptExcInfo | None = None  # the commit failed before the status went out
-        self.refused = False  # the app answered 5xx after a pool error: we answer the 503
+        self.refused: PoolError | None = None  # the app answered 5xx after this pool error: we answer the 503
         self.refusal: OptExcInfo | None = None  # the exc_info the app gave with that 5xx
         self.file_body: object = None  # what the server's wsgi.file_wrapper made in this request
         self.status = 200
@@ -211,9 +239,10 @@ class Flow:
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
-        if not self.out and status[:1] == "5" and self.pool_error() is not None:
+        error = self.pool_error() if status[:1] == "5" and not self.out else None
+        if error is not None and _from_pool(exc_info):
             # A framework turned our PoolError into its own 500: answer the 503 instead.
-            self.refused = True
+            self.refused = error
             self.refusal = exc_info
             return self.write
         code = int(status[:3])
@@ -229,7 +258,7 @@ class Flow:
 
     def write(self, data: bytes) -> None:
         """The app's write(): the first non-empty chunk commits (commit mode) and sends the status."""
-        if self.failed is not None or self.refused:
+        if self.failed is not None or self.refused is not None:
             return  # a 500/503 replaces the app's response
         if not self.out:
             if not data:
@@ -244,7 +273,7 @@ class Flow:
         """Send the held status line, committing first in commit mode; False if the commit failed."""
         if self.sent:
             return True
-        if self.status < 400:
+        if self._hold and self.status < 400:  # only commit mode commits; manual mode never does
             try:
                 for handle in self.handles:
                     handle.commit()
@@ -299,6 +328,20 @@ class Flow:
             raise failure
 
 
+def _from_pool(exc_info: OptExcInfo | None) -> bool:
+    """Could this 5xx be about a pool error? Unknown (no exc_info) counts as yes."""
+    if exc_info is None or exc_info[1] is None:
+        return True
+    exc: BaseException | None = exc_info[1]
+    for _ in range(20):  # the exception, its cause and context: bounded, chains can be cycles
+        if exc is None:
+            return False
+        if isinstance(exc, PoolError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 class Body:
     """The app's body iterable, returning the connections when the server closes it."""
 
@@ -317,9 +360,24 @@ class Body:
 
     def _stream(self) -> Iterator[bytes]:
         flow = self._flow
+        active = flow.active
         try:
-            for chunk in self._result:
+            token = ACTIVE.set(active)  # the body's code is the request's too: sub-requests reuse
+            try:
+                chunks = iter(self._result)
+            finally:
+                ACTIVE.reset(token)
+            while True:
+                token = ACTIVE.set(active)
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    break
+                finally:
+                    ACTIVE.reset(token)
                 if not flow.out:
+                    if flow.refused is not None:
+                        break  # the app answered 5xx after a pool error, in its first iteration
                     # Leading empty chunks are not passed on: some servers
                     # (gunicorn) send the status line on any chunk.
                     if not chunk:
@@ -333,11 +391,15 @@ class Body:
             # A lazy checkout failed while the body was being produced.
             yield from self._on_pool_error(self._environ, flow, exc)
             return
+        if flow.refused is not None:  # never committed (not done): the 503 replaces the response
+            yield from self._on_pool_error(self._environ, flow, flow.refused)
+            return
         self._done = True
         if not flow.out and not flow.open():
             yield from flow.commit_failed()
 
     def close(self) -> None:
+        token = ACTIVE.set(self._flow.active)
         try:
             close = getattr(self._result, "close", None)
             if close is not None:
@@ -345,6 +407,8 @@ class Body:
         except BaseException as exc:
             self._flow.finish(exc, succeeded=False)
             raise
+        finally:
+            ACTIVE.reset(token)
         # A failed commit is logged by the handle; the status line is out already.
         with contextlib.suppress(psycopg2.Error):
             self._flow.finish(None, succeeded=self._done)

@@ -32,6 +32,7 @@ __all__ = ["CONN_KEY", "HANDLE_KEY", "PgPoolMiddleware", "RequestHandle"]
 
 log = logging.getLogger("pgpool_wsgi")
 
+_NO_HANDLES: Mapping[ConnectionPool, RequestHandle] = {}  # a request of its own reuses none
 _UNAVAILABLE_BODY = b"503 Service Unavailable: no database connection available, retry later\n"
 
 
@@ -162,6 +163,8 @@ class PgPoolMiddleware:
         self._stats_allow = None if own["stats_allow"] is None else AddressList(own["stats_allow"])
         self.retry_after: int = own["retry_after"]
         self._eager = self.checkout == "eager"
+        self._hold = self.transaction == "commit"  # commit mode holds the status line until it has committed
+        self._mode_warned = False
         self._before_checkout = EagerGuard(self.pool.name, self.pool.max_size)
         self._named_keys = [(f"pgpool.{name}", p) for name, p in named.items()]
         self._throttle = _Throttle()
@@ -178,19 +181,21 @@ class PgPoolMiddleware:
         if self._excluded is not None and self._excluded(path):
             return self.app(environ, start_response)
         active = ACTIVE.get()
+        if active is not None:
+            mine = active.get(self.pool)
+            if mine is not None and not mine.finished:  # finished: left in a context copied from a request
+                return self._nested(environ, start_response, active, mine)
         outer = environ.get(HANDLE_KEY)
-        if active is not None and self.pool in active:
-            return self._nested(environ, start_response, active)
-        if isinstance(outer, RequestHandle) and outer.pool is self.pool and not outer.finished:
-            return self._nested(environ, start_response, {self.pool: outer})
+        if outer is not None and isinstance(outer, RequestHandle) and outer.pool is self.pool and not outer.finished:
+            return self._nested(environ, start_response, {self.pool: outer}, outer)
         handle = RequestHandle(self.pool, self.transaction, environ)
         environ[HANDLE_KEY] = handle
-        handles = [handle]
+        flow = Flow([handle], start_response, self._hold)
         if self._named_keys:
-            self._add_named(environ, handles)
-        flow = Flow(handles, start_response, hold=self.transaction == "commit")  # commit mode holds the status
+            self._add_named(environ, flow.handles, _NO_HANDLES)
         if self._eager:
-            self._before_checkout(environ)  # a slow upload waits here, holding no connection
+            if "CONTENT_LENGTH" in environ or self._before_checkout.pending:
+                self._before_checkout(environ)  # a slow upload waits here, holding no connection
             try:
                 environ[CONN_KEY] = handle._checkout()
             except PoolError as exc:
@@ -205,12 +210,20 @@ class PgPoolMiddleware:
         watching = file_wrapper is not None and not isinstance(file_wrapper, type)
         if watching:
             flow.watch_files(environ, file_wrapper)
-        mine = {h.pool: h for h in flow.handles}
-        token = ACTIVE.set(mine if active is None else {**active, **mine})
+        handles = flow.handles
+        if active is None and len(handles) == 1:
+            mine: Active = {self.pool: handles[0]}
+        else:
+            mine = {**(active or {}), **{h.pool: h for h in handles}}
+        flow.active = mine
+        token = ACTIVE.set(mine)
         try:
             result = self.app(environ, flow.start_response)
         except PoolError as exc:
             flow.finish(exc, succeeded=False)
+            if flow.out:  # part of the app's response went out with write(): no 503 can replace it
+                log.warning("%s: response cut short, %s", request_line(environ), for_log(str(exc), 400))
+                return []
             return self._refuse(environ, flow._start, exc, sys.exc_info())
         except BaseException as exc:
             flow.finish(exc, succeeded=False)
@@ -219,7 +232,7 @@ class PgPoolMiddleware:
             ACTIVE.reset(token)
             if watching:
                 flow.unwatch_files(environ)
-        if flow.refused or flow.failed is not None:
+        if flow.refused is not None or flow.failed is not None:
             return self._replace(environ, result, flow)
         if (type(result) is list or type(result) is tuple
                 or (result is flow.file_body if watching else file_wrapper is not None
@@ -230,27 +243,38 @@ class PgPoolMiddleware:
         return self._wrap(result, flow, environ)
 
     def _nested(self, environ: WSGIEnvironment, start_response: StartResponse,
-                active: dict[ConnectionPool, RequestHandle]) -> Iterable[bytes]:
+                active: dict[ConnectionPool, RequestHandle], handle: RequestHandle) -> Iterable[bytes]:
         # Inside a request that already holds a handle for our pool (nested
         # middleware, a sub-request): reuse the outer request's handles; the
         # outer request ends their transactions and returns their connections.
-        handle = active[self.pool]
+        if handle.mode != self.transaction and not self._mode_warned:
+            self._mode_warned = True  # unlocked: two racing first nestings may both warn, nothing worse
+            log.warning("%s: nested inside a %s-mode request for the same pool, this %s-mode middleware "
+                        "uses the outer request's transaction; its own mode is ignored",
+                        self.pool.name, handle.mode, self.transaction)
         environ[HANDLE_KEY] = handle
-        for key, pool in self._named_keys:
-            if pool in active:
-                environ[key] = active[pool]
         if self._eager:
             try:
-                environ[CONN_KEY] = handle.conn
+                handle.lend(environ)  # removed from this environ too when the connection goes back
             except PoolError as exc:
                 return self._refuse(environ, start_response, exc, None)
-        return self.app(environ, start_response)
+        if not self._named_keys:
+            return self.app(environ, start_response)
+        # Named pools the outer request lacks get handles of their own, finished when this call ends.
+        own: list[RequestHandle] = []
+        self._add_named(environ, own, active)
+        if not own:
+            return self.app(environ, start_response)
+        return self._run(environ, Flow(own, start_response, self._hold), active)
 
-    def _add_named(self, environ: WSGIEnvironment, handles: list[RequestHandle]) -> None:
+    def _add_named(self, environ: WSGIEnvironment, handles: list[RequestHandle],
+                   active: Mapping[ConnectionPool, RequestHandle]) -> None:
         for key, pool in self._named_keys:
-            named = RequestHandle(pool, self.transaction, environ, conn_key=None)
+            named = active.get(pool)
+            if named is None or named.finished:
+                named = RequestHandle(pool, self.transaction, environ, conn_key=None)
+                handles.append(named)
             environ[key] = named
-            handles.append(named)
 
     def _finish_now(self, result: Iterable[bytes], flow: Flow) -> Iterable[bytes]:
         try:
@@ -273,7 +297,7 @@ class PgPoolMiddleware:
             flow.finish(None, succeeded=False)
         if flow.failed is not None:
             return flow.commit_failed()
-        error = flow.pool_error()
+        error = flow.refused
         assert error is not None
         # exc_info: the server may have the app's earlier status line (not sent: no chunk went out).
         return self._refuse(environ, flow._start, error, flow.refusal or _exc_info(error))
@@ -286,7 +310,7 @@ class PgPoolMiddleware:
     def _pool_error_in_body(self, environ: WSGIEnvironment, flow: Flow, exc: PoolError) -> Iterable[bytes]:
         if not flow.out:
             # No chunk has gone out: the 503 replaces the response.
-            return self._refuse(environ, flow._start, exc, _exc_info(exc))
+            return self._refuse(environ, flow._start, exc, flow.refusal or _exc_info(exc))
         log.warning("%s: response cut short, %s", str(flow), exc)
         return []
 
