@@ -15,7 +15,7 @@ import logging
 import sys
 import threading
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 import psycopg2
 
@@ -41,8 +41,8 @@ COMMIT_FAILED_HEADERS = [("Content-Type", "text/plain; charset=utf-8"),
 # but it runs in the same context and reuses them. A context copied meanwhile
 # (copy_context, an executor) keeps the mapping after the request: finished
 # handles in it are ignored.
-Active = Optional[dict[ConnectionPool, "RequestHandle"]]
-ACTIVE: contextvars.ContextVar[Active] = contextvars.ContextVar("pgpool_wsgi.active", default=None)
+# The value is the innermost request's Flow; Flow.find() walks out through its parents.
+ACTIVE: contextvars.ContextVar[Flow | None] = contextvars.ContextVar("pgpool_wsgi.active", default=None)
 
 
 def interrupted(exc: BaseException | None) -> bool:
@@ -207,12 +207,12 @@ class Flow:
     become a 500 (PEP 3333 lets a middleware hold it that long).
     """
 
-    __slots__ = ("_held", "_hold", "_server_file_wrapper", "_start", "_write", "active", "failed", "file_body",
-                 "handles", "out", "refusal", "refused", "sent", "status")
+    __slots__ = ("_held", "_hold", "_server_file_wrapper", "_start", "_write", "failed", "file_body",
+                 "handles", "out", "parent", "refusal", "refused", "sent", "status")
 
     def __init__(self, handles: list[RequestHandle], start_response: StartResponse, hold: bool) -> None:
         self.handles = handles  # the ones this request owns and finishes
-        self.active: Active = None  # ACTIVE's value while the app runs and the body is iterated
+        self.parent: Flow | None = None  # the request this one runs inside (a sub-request's outer request)
         self._start = start_response
         self._hold = hold
         self._held: tuple[str, list[tuple[str, str]], OptExcInfo | None] | None = None
@@ -229,6 +229,16 @@ class Flow:
     def __str__(self) -> str:
         return str(self.handles[0]) if self.handles else "a nested request"
 
+    def find(self, pool: ConnectionPool) -> RequestHandle | None:
+        """The unfinished handle for ``pool`` of this request or of one it runs inside."""
+        flow: Flow | None = self
+        while flow is not None:
+            for handle in flow.handles:
+                if handle._pool is pool and not handle._finished:
+                    return handle
+            flow = flow.parent
+        return None
+
     def pool_error(self) -> PoolError | None:
         for handle in self.handles:
             if handle.pool_error is not None:
@@ -239,11 +249,16 @@ class Flow:
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
-        error = self.pool_error() if status[:1] == "5" and not self.out else None
-        if error is not None and _from_pool(exc_info):
-            # A framework turned our PoolError into its own 500: answer the 503 instead.
-            self.refused = error
-            self.refusal = exc_info
+        if status[0] == "5" and not self.out:
+            error = self.pool_error()
+            if error is not None and _from_pool(exc_info):
+                # A framework turned our PoolError into its own 500: answer the 503 instead.
+                self.refused = error
+                self.refusal = exc_info
+                return self.write
+        if not self._hold:  # the status matters to commit mode only
+            self.sent = True
+            self._write = self._start(status, headers, exc_info)
             return self.write
         code = int(status[:3])
         self.status = code
@@ -359,8 +374,7 @@ class Body:
         return self._stream()
 
     def _stream(self) -> Iterator[bytes]:
-        flow = self._flow
-        active = flow.active
+        flow = active = self._flow
         try:
             token = ACTIVE.set(active)  # the body's code is the request's too: sub-requests reuse
             try:
@@ -399,7 +413,7 @@ class Body:
             yield from flow.commit_failed()
 
     def close(self) -> None:
-        token = ACTIVE.set(self._flow.active)
+        token = ACTIVE.set(self._flow)
         try:
             close = getattr(self._result, "close", None)
             if close is not None:

@@ -15,7 +15,7 @@ import psycopg2
 
 from ._concurrency import EagerGuard
 from ._paths import AddressList, PathRules, wsgi_path
-from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Active, Body, Flow, RequestHandle, SizedBody
+from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Body, Flow, RequestHandle, SizedBody
 from ._text import for_log, request_line
 from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
@@ -32,7 +32,6 @@ __all__ = ["CONN_KEY", "HANDLE_KEY", "PgPoolMiddleware", "RequestHandle"]
 
 log = logging.getLogger("pgpool_wsgi")
 
-_NO_HANDLES: Mapping[ConnectionPool, RequestHandle] = {}  # a request of its own reuses none
 _UNAVAILABLE_BODY = b"503 Service Unavailable: no database connection available, retry later\n"
 
 
@@ -182,17 +181,17 @@ class PgPoolMiddleware:
             return self.app(environ, start_response)
         active = ACTIVE.get()
         if active is not None:
-            mine = active.get(self.pool)
-            if mine is not None and not mine.finished:  # finished: left in a context copied from a request
+            mine = active.find(self.pool)  # finished handles (in a context copied from a request) do not count
+            if mine is not None:
                 return self._nested(environ, start_response, active, mine)
         outer = environ.get(HANDLE_KEY)
         if outer is not None and isinstance(outer, RequestHandle) and outer.pool is self.pool and not outer.finished:
-            return self._nested(environ, start_response, {self.pool: outer}, outer)
+            return self._nested(environ, start_response, active, outer)
         handle = RequestHandle(self.pool, self.transaction, environ)
         environ[HANDLE_KEY] = handle
         flow = Flow([handle], start_response, self._hold)
         if self._named_keys:
-            self._add_named(environ, flow.handles, _NO_HANDLES)
+            self._add_named(environ, flow.handles, None)
         if self._eager:
             if "CONTENT_LENGTH" in environ or self._before_checkout.pending:
                 self._before_checkout(environ)  # a slow upload waits here, holding no connection
@@ -203,20 +202,15 @@ class PgPoolMiddleware:
                 return self._refuse(environ, start_response, exc, None)
         return self._run(environ, flow, active)
 
-    def _run(self, environ: WSGIEnvironment, flow: Flow, active: Active) -> Iterable[bytes]:
+    def _run(self, environ: WSGIEnvironment, flow: Flow, active: Flow | None) -> Iterable[bytes]:
         # A server's file_wrapper class is recognised by isinstance(); a function
         # (uWSGI's) is replaced for the app's call by one noting what it makes.
         file_wrapper = environ.get("wsgi.file_wrapper")
         watching = file_wrapper is not None and not isinstance(file_wrapper, type)
         if watching:
             flow.watch_files(environ, file_wrapper)
-        handles = flow.handles
-        if active is None and len(handles) == 1:
-            mine: Active = {self.pool: handles[0]}
-        else:
-            mine = {**(active or {}), **{h.pool: h for h in handles}}
-        flow.active = mine
-        token = ACTIVE.set(mine)
+        flow.parent = active
+        token = ACTIVE.set(flow)
         try:
             result = self.app(environ, flow.start_response)
         except PoolError as exc:
@@ -243,7 +237,7 @@ class PgPoolMiddleware:
         return self._wrap(result, flow, environ)
 
     def _nested(self, environ: WSGIEnvironment, start_response: StartResponse,
-                active: dict[ConnectionPool, RequestHandle], handle: RequestHandle) -> Iterable[bytes]:
+                active: Flow | None, handle: RequestHandle) -> Iterable[bytes]:
         # Inside a request that already holds a handle for our pool (nested
         # middleware, a sub-request): reuse the outer request's handles; the
         # outer request ends their transactions and returns their connections.
@@ -268,10 +262,10 @@ class PgPoolMiddleware:
         return self._run(environ, Flow(own, start_response, self._hold), active)
 
     def _add_named(self, environ: WSGIEnvironment, handles: list[RequestHandle],
-                   active: Mapping[ConnectionPool, RequestHandle]) -> None:
+                   active: Flow | None) -> None:
         for key, pool in self._named_keys:
-            named = active.get(pool)
-            if named is None or named.finished:
+            named = None if active is None else active.find(pool)
+            if named is None:
                 named = RequestHandle(pool, self.transaction, environ, conn_key=None)
                 handles.append(named)
             environ[key] = named
