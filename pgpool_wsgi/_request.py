@@ -73,8 +73,6 @@ class RequestHandle:
                  conn_key: str | None = CONN_KEY) -> None:
         self._pool = pool
         self._mode = mode
-        # environ holds us too: finish() drops this reference so the request
-        # is freed by reference counting, not left to the cyclic collector.
         self._environ: WSGIEnvironment | None = environ
         self._conn_key = conn_key
         self._subs: list[WSGIEnvironment] | None = None  # sub-requests' environs given our connection
@@ -130,24 +128,28 @@ class RequestHandle:
             conn = self._conn
             if conn is not None:
                 return conn
-            try:
-                conn = self._pool.getconn(label=self)
-            except PoolError as exc:
-                self.pool_error = exc
-                raise
-            # This handle got its connection after all: its earlier failure no longer explains a 5xx.
-            self.pool_error = None
-            # The mode decides, whatever the pool's resting state; the pool's
-            # reset puts its own state back when the connection returns.
-            autocommit = self._mode == "autocommit"
-            try:
-                if conn.autocommit is not autocommit:
-                    conn.autocommit = autocommit
-            except BaseException:
-                self._pool.putconn(conn, discard=True)
-                raise
-            self._conn = conn
-            return conn
+            return self.take()
+
+    def take(self) -> Any:
+        """Check out now; unlocked: for a handle no other thread can see yet (the eager checkout)."""
+        try:
+            conn = self._pool.getconn(label=self)
+        except PoolError as exc:
+            self.pool_error = exc
+            raise
+        # This handle got its connection after all: its earlier failure no longer explains a 5xx.
+        self.pool_error = None
+        # The mode decides, whatever the pool's resting state; the pool's
+        # reset puts its own state back when the connection returns.
+        autocommit = self._mode == "autocommit"
+        try:
+            if conn.autocommit is not autocommit:
+                conn.autocommit = autocommit
+        except BaseException:
+            self._pool.putconn(conn, discard=True)
+            raise
+        self._conn = conn
+        return conn
 
     def release(self) -> None:
         """End the transaction as at a successful end of the request; give the connection back."""
@@ -158,8 +160,10 @@ class RequestHandle:
         try:
             self._give_back(exc, succeeded=succeeded, finish=True)
         finally:
-            self._environ = None
-            self._subs = None
+            # environ holds us too: drop the reference so the request is freed by reference
+            # counting, not left to the cyclic collector. Only now: the pool's leak warning
+            # at putconn names the request from it.
+            self._environ = self._subs = None
 
     def commit(self) -> None:
         """Commit now (commit mode, before the status line goes out); keep the connection."""
@@ -173,21 +177,26 @@ class RequestHandle:
 
     def _give_back(self, exc: BaseException | None, *, succeeded: bool, finish: bool) -> None:
         # Commit (commit mode, success) and return the connection; at most once.
-        with self._lock:
-            conn, self._conn = self._conn, None
-            if finish:
-                self._finished = True
+        lock = self._lock
+        lock.acquire()  # nothing in between can raise
+        conn = self._conn
+        self._conn = None
+        if finish:
+            self._finished = True
+        lock.release()
         if conn is None:
             return
         key = self._conn_key
         if key is not None:
             # Never left pointing at a connection another request may hold.
             environ = self._environ
+            subs = self._subs
             if environ is not None and environ.get(key) is conn:
                 del environ[key]
-            for sub in self._subs or ():
-                if sub.get(key) is conn:
-                    del sub[key]
+            if subs is not None:
+                for sub in subs:
+                    if sub.get(key) is conn:
+                        del sub[key]
         if self._mode == "commit" and succeeded and exc is None and self.status < 400 and not conn.closed:
             try:
                 conn.commit()
@@ -195,7 +204,7 @@ class RequestHandle:
                 log.exception("%s: commit failed", str(self))
                 self._pool.putconn(conn, discard=interrupted(err))
                 raise
-        self._pool.putconn(conn, discard=interrupted(exc))
+        self._pool.putconn(conn, discard=exc is not None and interrupted(exc))
 
 
 class Flow:
@@ -332,6 +341,10 @@ class Flow:
     # -- the end -----------------------------------------------------------------
 
     def finish(self, exc: BaseException | None, *, succeeded: bool) -> None:
+        handles = self.handles
+        if len(handles) == 1:  # the common case, without the loop's bookkeeping
+            handles[0].finish(exc, succeeded=succeeded)
+            return
         # Every connection goes back even if one commit fails; the first failure is raised.
         failure: BaseException | None = None
         for handle in self.handles:

@@ -196,7 +196,7 @@ class PgPoolMiddleware:
             if "CONTENT_LENGTH" in environ or self._before_checkout.pending:
                 self._before_checkout(environ)  # a slow upload waits here, holding no connection
             try:
-                environ[CONN_KEY] = handle._checkout()
+                environ[CONN_KEY] = handle.take()  # no lock: no other thread can see the handle yet
             except PoolError as exc:
                 flow.finish(exc, succeeded=False)
                 return self._refuse(environ, start_response, exc, None)
@@ -279,7 +279,8 @@ class PgPoolMiddleware:
             flow.failed = sys.exc_info()
             _close(result)
             return flow.commit_failed()
-        flow.forward()
+        if self._hold:
+            flow.forward()
         return result
 
     def _replace(self, environ: WSGIEnvironment, result: Iterable[bytes], flow: Flow) -> Iterable[bytes]:
