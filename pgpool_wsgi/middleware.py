@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import psycopg2
 
+from ._body import Body, SizedBody
 from ._concurrency import EagerGuard
 from ._paths import AddressList, PathRules, wsgi_path
-from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Body, Flow, RequestHandle, SizedBody
+from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Flow, RequestHandle
 from ._text import for_log, request_line
 from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
