@@ -12,6 +12,7 @@ from typing import Any
 from wsgiref.handlers import SimpleHandler
 from wsgiref.validate import validator
 
+import flask
 import pytest
 import webob
 
@@ -79,6 +80,29 @@ def test_sub_request_from_a_streaming_body_and_its_close_reuses_the_connection(m
     response, body = serve(validator(mw(outer, pool=pool)))
     assert response.status == "200 OK" and body == b"streamed"
     assert seen == [(200, True), (200, True)]
+    assert pool.stats()["checkouts"] == 1 and pool.stats()["in_use"] == 0
+
+
+def test_sub_request_from_a_flask_stream_with_context_reuses_the_connection(mw, make_pool):
+    pool = make_pool(max_size=1, timeout=2)
+    inner_mw = mw(lambda e, s: (s("200 OK", [("Content-Type", "text/plain")]), [str(_pid(e)).encode()])[1],
+                  pool=pool)
+    app = flask.Flask("pgpool_scope")
+
+    @app.route("/")
+    def streamed() -> flask.Response:
+        pid = str(_pid(flask.request.environ))
+
+        @flask.stream_with_context
+        def chunks() -> Any:
+            yield pid.encode() + b" "
+            yield webob.Request.blank("/sub").get_response(inner_mw).body  # the same connection: its pid
+
+        return flask.Response(chunks(), mimetype="text/plain")
+
+    response, body = serve(validator(mw(app, pool=pool)))
+    first, second = body.split()
+    assert response.status == "200 OK" and first == second
     assert pool.stats()["checkouts"] == 1 and pool.stats()["in_use"] == 0
 
 
