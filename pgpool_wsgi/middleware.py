@@ -234,7 +234,13 @@ class PgPoolMiddleware:
                     and isinstance(result, file_wrapper))):
             # Nothing left that needs the database: finish before the status line goes out.
             # A file body goes back to the server untouched (sendfile, uWSGI's offload).
-            return self._finish_now(result, flow)
+            try:
+                flow.finish(None, succeeded=True)
+            except psycopg2.Error:  # logged by the handle
+                return self._commit_failed_now(result, flow)
+            if self._hold:
+                flow.forward()
+            return result
         return self._wrap(result, flow, environ)
 
     def _nested(self, environ: WSGIEnvironment, start_response: StartResponse,
@@ -271,18 +277,14 @@ class PgPoolMiddleware:
                 handles.append(named)
             environ[key] = named
 
-    def _finish_now(self, result: Iterable[bytes], flow: Flow) -> Iterable[bytes]:
-        try:
-            flow.finish(None, succeeded=True)
-        except psycopg2.Error:  # logged by the handle
-            if flow.out:
-                return result  # the status line went out with an earlier write(): too late for a 500
-            flow.failed = sys.exc_info()
-            _close(result)
-            return flow.commit_failed()
-        if self._hold:
-            flow.forward()
-        return result
+    @staticmethod
+    def _commit_failed_now(result: Iterable[bytes], flow: Flow) -> Iterable[bytes]:
+        # Called in the except block of the failed commit: sys.exc_info() is its error.
+        if flow.out:
+            return result  # the status line went out with an earlier write(): too late for a 500
+        flow.failed = sys.exc_info()
+        _close(result)
+        return flow.commit_failed()
 
     def _replace(self, environ: WSGIEnvironment, result: Iterable[bytes], flow: Flow) -> Iterable[bytes]:
         # The app's response is not sent: its commit failed (in write()) or it
