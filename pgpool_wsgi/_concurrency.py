@@ -86,16 +86,18 @@ def buffer_body(environ: dict[str, Any]) -> None:
 class EagerGuard:
     """Run before each eager checkout: the once-per-process warning, then :func:`buffer_body`."""
 
-    __slots__ = ("_max_size", "_pending", "_pool_name")
+    __slots__ = ("_max_size", "_pool_name", "pending")
 
     def __init__(self, pool_name: str, max_size: int) -> None:
         self._pool_name = pool_name
         self._max_size = max_size
-        self._pending = True  # unlocked: two racing first requests may both warn, nothing worse
+        # The warning has not been considered yet: until then every request calls us, after it only
+        # those with a CONTENT_LENGTH (the caller skips the call for the rest: no body to buffer).
+        self.pending = True  # unlocked: two racing first requests may both warn, nothing worse
 
     def __call__(self, environ: dict[str, Any]) -> None:
-        if self._pending:
-            self._pending = False
+        if self.pending:
+            self.pending = False
             self.warn_if_oversubscribed()
         buffer_body(environ)
 

@@ -1,4 +1,4 @@
-"""One request's claims on pooled connections, and the body that returns them.
+"""One request's claims on pooled connections and its status line (the body is in _body.py).
 
 The flow of one request: check out (eager) -> call the app -> hand the body
 to the server -> the server calls ``close()`` -> end the transaction as the
@@ -9,13 +9,11 @@ before the middleware returns it.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import sys
 import threading
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 import psycopg2
 
@@ -36,10 +34,13 @@ COMMIT_FAILED_HEADERS = [("Content-Type", "text/plain; charset=utf-8"),
                          ("Content-Length", str(len(COMMIT_FAILED_BODY)))]
 
 # The handles of the requests being served in this thread / greenlet, by pool,
-# while their app runs: a sub-request (webob's Request.blank(...).get_response)
-# builds a new environ, but it runs in the same context and reuses them.
-Active = Optional[dict[ConnectionPool, "RequestHandle"]]
-ACTIVE: contextvars.ContextVar[Active] = contextvars.ContextVar("pgpool_wsgi.active", default=None)
+# while their app runs and while the server iterates and closes their body: a
+# sub-request (webob's Request.blank(...).get_response) builds a new environ,
+# but it runs in the same context and reuses them. A context copied meanwhile
+# (copy_context, an executor) keeps the mapping after the request: finished
+# handles in it are ignored.
+# The value is the innermost request's Flow; Flow.find() walks out through its parents.
+ACTIVE: contextvars.ContextVar[Flow | None] = contextvars.ContextVar("pgpool_wsgi.active", default=None)
 
 
 def interrupted(exc: BaseException | None) -> bool:
@@ -63,16 +64,16 @@ class RequestHandle:
     Named pools get a handle each: ``environ["pgpool.<name>"]``, always lazy.
     """
 
-    __slots__ = ("_conn", "_conn_key", "_environ", "_finished", "_lock", "_mode", "_pool", "pool_error", "status")
+    __slots__ = ("_conn", "_conn_key", "_environ", "_finished", "_lock", "_mode", "_pool", "_subs", "pool_error",
+                 "status")
 
     def __init__(self, pool: ConnectionPool, mode: str, environ: WSGIEnvironment,
                  conn_key: str | None = CONN_KEY) -> None:
         self._pool = pool
         self._mode = mode
-        # environ holds us too: finish() drops this reference so the request
-        # is freed by reference counting, not left to the cyclic collector.
         self._environ: WSGIEnvironment | None = environ
         self._conn_key = conn_key
+        self._subs: list[WSGIEnvironment] | None = None  # sub-requests' environs given our connection
         self._conn: Any = None
         # Made here, inside the request, so it is gevent's lock under gevent.
         self._lock = threading.Lock()
@@ -96,6 +97,20 @@ class RequestHandle:
         return self._finished
 
     @property
+    def mode(self) -> str:
+        return self._mode
+
+    def lend(self, environ: WSGIEnvironment) -> Any:
+        """Put our connection into a sub-request's environ; it is removed when the connection goes back."""
+        conn = self.conn
+        if self._conn_key is not None:
+            environ[self._conn_key] = conn
+            if self._subs is None:
+                self._subs = []
+            self._subs.append(environ)
+        return conn
+
+    @property
     def conn(self) -> Any:
         """The request's connection; checked out now if it has none."""
         conn = self._conn
@@ -111,22 +126,28 @@ class RequestHandle:
             conn = self._conn
             if conn is not None:
                 return conn
-            try:
-                conn = self._pool.getconn(label=self)
-            except PoolError as exc:
-                self.pool_error = exc
-                raise
-            # The mode decides, whatever the pool's resting state; the pool's
-            # reset puts its own state back when the connection returns.
-            autocommit = self._mode == "autocommit"
-            try:
-                if conn.autocommit is not autocommit:
-                    conn.autocommit = autocommit
-            except BaseException:
-                self._pool.putconn(conn, discard=True)
-                raise
-            self._conn = conn
-            return conn
+            return self.take()
+
+    def take(self) -> Any:
+        """Check out now; unlocked: for a handle no other thread can see yet (the eager checkout)."""
+        try:
+            conn = self._pool.getconn(label=self)
+        except PoolError as exc:
+            self.pool_error = exc
+            raise
+        # This handle got its connection after all: its earlier failure no longer explains a 5xx.
+        self.pool_error = None
+        # The mode decides, whatever the pool's resting state; the pool's
+        # reset puts its own state back when the connection returns.
+        autocommit = self._mode == "autocommit"
+        try:
+            if conn.autocommit is not autocommit:
+                conn.autocommit = autocommit
+        except BaseException:
+            self._pool.putconn(conn, discard=True)
+            raise
+        self._conn = conn
+        return conn
 
     def release(self) -> None:
         """End the transaction as at a successful end of the request; give the connection back."""
@@ -137,7 +158,10 @@ class RequestHandle:
         try:
             self._give_back(exc, succeeded=succeeded, finish=True)
         finally:
-            self._environ = None
+            # environ holds us too: drop the reference so the request is freed by reference
+            # counting, not left to the cyclic collector. Only now: the pool's leak warning
+            # at putconn names the request from it.
+            self._environ = self._subs = None
 
     def commit(self) -> None:
         """Commit now (commit mode, before the status line goes out); keep the connection."""
@@ -151,16 +175,26 @@ class RequestHandle:
 
     def _give_back(self, exc: BaseException | None, *, succeeded: bool, finish: bool) -> None:
         # Commit (commit mode, success) and return the connection; at most once.
-        with self._lock:
-            conn, self._conn = self._conn, None
-            if finish:
-                self._finished = True
+        lock = self._lock
+        lock.acquire()  # nothing in between can raise
+        conn = self._conn
+        self._conn = None
+        if finish:
+            self._finished = True
+        lock.release()
         if conn is None:
             return
-        environ = self._environ
-        if self._conn_key is not None and environ is not None and environ.get(self._conn_key) is conn:
+        key = self._conn_key
+        if key is not None:
             # Never left pointing at a connection another request may hold.
-            del environ[self._conn_key]
+            environ = self._environ
+            subs = self._subs
+            if environ is not None and environ.get(key) is conn:
+                del environ[key]
+            if subs is not None:
+                for sub in subs:
+                    if sub.get(key) is conn:
+                        del sub[key]
         if self._mode == "commit" and succeeded and exc is None and self.status < 400 and not conn.closed:
             try:
                 conn.commit()
@@ -168,7 +202,7 @@ class RequestHandle:
                 log.exception("%s: commit failed", str(self))
                 self._pool.putconn(conn, discard=interrupted(err))
                 raise
-        self._pool.putconn(conn, discard=interrupted(exc))
+        self._pool.putconn(conn, discard=exc is not None and interrupted(exc))
 
 
 class Flow:
@@ -181,10 +215,11 @@ class Flow:
     """
 
     __slots__ = ("_held", "_hold", "_server_file_wrapper", "_start", "_write", "failed", "file_body",
-                 "handles", "out", "refusal", "refused", "sent", "status")
+                 "handles", "out", "parent", "refusal", "refused", "sent", "status")
 
     def __init__(self, handles: list[RequestHandle], start_response: StartResponse, hold: bool) -> None:
         self.handles = handles  # the ones this request owns and finishes
+        self.parent: Flow | None = None  # the request this one runs inside (a sub-request's outer request)
         self._start = start_response
         self._hold = hold
         self._held: tuple[str, list[tuple[str, str]], OptExcInfo | None] | None = None
@@ -193,13 +228,23 @@ class Flow:
         self.sent = False  # the server has our status line (it goes out with the first chunk)
         self.out = False  # a non-empty chunk went to the server: the status is final
         self.failed: OptExcInfo | None = None  # the commit failed before the status went out
-        self.refused = False  # the app answered 5xx after a pool error: we answer the 503
+        self.refused: PoolError | None = None  # the app answered 5xx after this pool error: we answer the 503
         self.refusal: OptExcInfo | None = None  # the exc_info the app gave with that 5xx
         self.file_body: object = None  # what the server's wsgi.file_wrapper made in this request
         self.status = 200
 
     def __str__(self) -> str:
         return str(self.handles[0]) if self.handles else "a nested request"
+
+    def find(self, pool: ConnectionPool) -> RequestHandle | None:
+        """The unfinished handle for ``pool`` of this request or of one it runs inside."""
+        flow: Flow | None = self
+        while flow is not None:
+            for handle in flow.handles:
+                if handle._pool is pool and not handle._finished:
+                    return handle
+            flow = flow.parent
+        return None
 
     def pool_error(self) -> PoolError | None:
         for handle in self.handles:
@@ -211,10 +256,16 @@ class Flow:
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
-        if not self.out and status[:1] == "5" and self.pool_error() is not None:
-            # A framework turned our PoolError into its own 500: answer the 503 instead.
-            self.refused = True
-            self.refusal = exc_info
+        if status[0] == "5" and not self.out:
+            error = self.pool_error()
+            if error is not None and _from_pool(exc_info):
+                # A framework turned our PoolError into its own 500: answer the 503 instead.
+                self.refused = error
+                self.refusal = exc_info
+                return self.write
+        if not self._hold:  # the status matters to commit mode only
+            self.sent = True
+            self._write = self._start(status, headers, exc_info)
             return self.write
         code = int(status[:3])
         self.status = code
@@ -229,7 +280,7 @@ class Flow:
 
     def write(self, data: bytes) -> None:
         """The app's write(): the first non-empty chunk commits (commit mode) and sends the status."""
-        if self.failed is not None or self.refused:
+        if self.failed is not None or self.refused is not None:
             return  # a 500/503 replaces the app's response
         if not self.out:
             if not data:
@@ -244,7 +295,7 @@ class Flow:
         """Send the held status line, committing first in commit mode; False if the commit failed."""
         if self.sent:
             return True
-        if self.status < 400:
+        if self._hold and self.status < 400:  # only commit mode commits; manual mode never does
             try:
                 for handle in self.handles:
                     handle.commit()
@@ -288,6 +339,10 @@ class Flow:
     # -- the end -----------------------------------------------------------------
 
     def finish(self, exc: BaseException | None, *, succeeded: bool) -> None:
+        handles = self.handles
+        if len(handles) == 1:  # the common case, without the loop's bookkeeping
+            handles[0].finish(exc, succeeded=succeeded)
+            return
         # Every connection goes back even if one commit fails; the first failure is raised.
         failure: BaseException | None = None
         for handle in self.handles:
@@ -299,61 +354,15 @@ class Flow:
             raise failure
 
 
-class Body:
-    """The app's body iterable, returning the connections when the server closes it."""
-
-    __slots__ = ("_done", "_environ", "_flow", "_on_pool_error", "_result")
-
-    def __init__(self, result: Iterable[bytes], flow: Flow, environ: WSGIEnvironment,
-                 on_pool_error: Callable[[WSGIEnvironment, Flow, PoolError], Iterable[bytes]]) -> None:
-        self._result = result
-        self._flow = flow
-        self._environ = environ  # for the log line of a 503 (environ does not refer to us)
-        self._on_pool_error = on_pool_error
-        self._done = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self._stream()
-
-    def _stream(self) -> Iterator[bytes]:
-        flow = self._flow
-        try:
-            for chunk in self._result:
-                if not flow.out:
-                    # Leading empty chunks are not passed on: some servers
-                    # (gunicorn) send the status line on any chunk.
-                    if not chunk:
-                        continue
-                    if not flow.open():
-                        yield from flow.commit_failed()
-                        return
-                    flow.out = True
-                yield chunk
-        except PoolError as exc:
-            # A lazy checkout failed while the body was being produced.
-            yield from self._on_pool_error(self._environ, flow, exc)
-            return
-        self._done = True
-        if not flow.out and not flow.open():
-            yield from flow.commit_failed()
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._result, "close", None)
-            if close is not None:
-                close()
-        except BaseException as exc:
-            self._flow.finish(exc, succeeded=False)
-            raise
-        # A failed commit is logged by the handle; the status line is out already.
-        with contextlib.suppress(psycopg2.Error):
-            self._flow.finish(None, succeeded=self._done)
-
-
-class SizedBody(Body):
-    """A Body whose inner iterable has a length: servers (waitress) use it for Content-Length."""
-
-    __slots__ = ()
-
-    def __len__(self) -> int:
-        return len(self._result)  # type: ignore[arg-type]
+def _from_pool(exc_info: OptExcInfo | None) -> bool:
+    """Could this 5xx be about a pool error? Unknown (no exc_info) counts as yes."""
+    if exc_info is None or exc_info[1] is None:
+        return True
+    exc: BaseException | None = exc_info[1]
+    for _ in range(20):  # the exception, its cause and context: bounded, chains can be cycles
+        if exc is None:
+            return False
+        if isinstance(exc, PoolError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

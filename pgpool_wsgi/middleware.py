@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import psycopg2
 
+from ._body import Body, SizedBody
 from ._concurrency import EagerGuard
 from ._paths import AddressList, PathRules, wsgi_path
-from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Active, Body, Flow, RequestHandle, SizedBody
+from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Flow, RequestHandle
 from ._text import for_log, request_line
 from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
@@ -162,6 +163,8 @@ class PgPoolMiddleware:
         self._stats_allow = None if own["stats_allow"] is None else AddressList(own["stats_allow"])
         self.retry_after: int = own["retry_after"]
         self._eager = self.checkout == "eager"
+        self._hold = self.transaction == "commit"  # commit mode holds the status line until it has committed
+        self._mode_warned = False
         self._before_checkout = EagerGuard(self.pool.name, self.pool.max_size)
         self._named_keys = [(f"pgpool.{name}", p) for name, p in named.items()]
         self._throttle = _Throttle()
@@ -178,39 +181,44 @@ class PgPoolMiddleware:
         if self._excluded is not None and self._excluded(path):
             return self.app(environ, start_response)
         active = ACTIVE.get()
+        if active is not None:
+            mine = active.find(self.pool)  # finished handles (in a context copied from a request) do not count
+            if mine is not None:
+                return self._nested(environ, start_response, active, mine)
         outer = environ.get(HANDLE_KEY)
-        if active is not None and self.pool in active:
-            return self._nested(environ, start_response, active)
-        if isinstance(outer, RequestHandle) and outer.pool is self.pool and not outer.finished:
-            return self._nested(environ, start_response, {self.pool: outer})
+        if outer is not None and isinstance(outer, RequestHandle) and outer.pool is self.pool and not outer.finished:
+            return self._nested(environ, start_response, active, outer)
         handle = RequestHandle(self.pool, self.transaction, environ)
         environ[HANDLE_KEY] = handle
-        handles = [handle]
+        flow = Flow([handle], start_response, self._hold)
         if self._named_keys:
-            self._add_named(environ, handles)
-        flow = Flow(handles, start_response, hold=self.transaction == "commit")  # commit mode holds the status
+            self._add_named(environ, flow.handles, None)
         if self._eager:
-            self._before_checkout(environ)  # a slow upload waits here, holding no connection
+            if "CONTENT_LENGTH" in environ or self._before_checkout.pending:
+                self._before_checkout(environ)  # a slow upload waits here, holding no connection
             try:
-                environ[CONN_KEY] = handle._checkout()
+                environ[CONN_KEY] = handle.take()  # no lock: no other thread can see the handle yet
             except PoolError as exc:
                 flow.finish(exc, succeeded=False)
                 return self._refuse(environ, start_response, exc, None)
         return self._run(environ, flow, active)
 
-    def _run(self, environ: WSGIEnvironment, flow: Flow, active: Active) -> Iterable[bytes]:
+    def _run(self, environ: WSGIEnvironment, flow: Flow, active: Flow | None) -> Iterable[bytes]:
         # A server's file_wrapper class is recognised by isinstance(); a function
         # (uWSGI's) is replaced for the app's call by one noting what it makes.
         file_wrapper = environ.get("wsgi.file_wrapper")
         watching = file_wrapper is not None and not isinstance(file_wrapper, type)
         if watching:
             flow.watch_files(environ, file_wrapper)
-        mine = {h.pool: h for h in flow.handles}
-        token = ACTIVE.set(mine if active is None else {**active, **mine})
+        flow.parent = active
+        token = ACTIVE.set(flow)
         try:
             result = self.app(environ, flow.start_response)
         except PoolError as exc:
             flow.finish(exc, succeeded=False)
+            if flow.out:  # part of the app's response went out with write(): no 503 can replace it
+                log.warning("%s: response cut short, %s", request_line(environ), for_log(str(exc), 400))
+                return []
             return self._refuse(environ, flow._start, exc, sys.exc_info())
         except BaseException as exc:
             flow.finish(exc, succeeded=False)
@@ -219,50 +227,64 @@ class PgPoolMiddleware:
             ACTIVE.reset(token)
             if watching:
                 flow.unwatch_files(environ)
-        if flow.refused or flow.failed is not None:
+        if flow.refused is not None or flow.failed is not None:
             return self._replace(environ, result, flow)
         if (type(result) is list or type(result) is tuple
                 or (result is flow.file_body if watching else file_wrapper is not None
                     and isinstance(result, file_wrapper))):
             # Nothing left that needs the database: finish before the status line goes out.
             # A file body goes back to the server untouched (sendfile, uWSGI's offload).
-            return self._finish_now(result, flow)
+            try:
+                flow.finish(None, succeeded=True)
+            except psycopg2.Error:  # logged by the handle
+                return self._commit_failed_now(result, flow)
+            if self._hold:
+                flow.forward()
+            return result
         return self._wrap(result, flow, environ)
 
     def _nested(self, environ: WSGIEnvironment, start_response: StartResponse,
-                active: dict[ConnectionPool, RequestHandle]) -> Iterable[bytes]:
+                active: Flow | None, handle: RequestHandle) -> Iterable[bytes]:
         # Inside a request that already holds a handle for our pool (nested
         # middleware, a sub-request): reuse the outer request's handles; the
         # outer request ends their transactions and returns their connections.
-        handle = active[self.pool]
+        if handle.mode != self.transaction and not self._mode_warned:
+            self._mode_warned = True  # unlocked: two racing first nestings may both warn, nothing worse
+            log.warning("%s: nested inside a %s-mode request for the same pool, this %s-mode middleware "
+                        "uses the outer request's transaction; its own mode is ignored",
+                        self.pool.name, handle.mode, self.transaction)
         environ[HANDLE_KEY] = handle
-        for key, pool in self._named_keys:
-            if pool in active:
-                environ[key] = active[pool]
         if self._eager:
             try:
-                environ[CONN_KEY] = handle.conn
+                handle.lend(environ)  # removed from this environ too when the connection goes back
             except PoolError as exc:
                 return self._refuse(environ, start_response, exc, None)
-        return self.app(environ, start_response)
+        if not self._named_keys:
+            return self.app(environ, start_response)
+        # Named pools the outer request lacks get handles of their own, finished when this call ends.
+        own: list[RequestHandle] = []
+        self._add_named(environ, own, active)
+        if not own:
+            return self.app(environ, start_response)
+        return self._run(environ, Flow(own, start_response, self._hold), active)
 
-    def _add_named(self, environ: WSGIEnvironment, handles: list[RequestHandle]) -> None:
+    def _add_named(self, environ: WSGIEnvironment, handles: list[RequestHandle],
+                   active: Flow | None) -> None:
         for key, pool in self._named_keys:
-            named = RequestHandle(pool, self.transaction, environ, conn_key=None)
+            named = None if active is None else active.find(pool)
+            if named is None:
+                named = RequestHandle(pool, self.transaction, environ, conn_key=None)
+                handles.append(named)
             environ[key] = named
-            handles.append(named)
 
-    def _finish_now(self, result: Iterable[bytes], flow: Flow) -> Iterable[bytes]:
-        try:
-            flow.finish(None, succeeded=True)
-        except psycopg2.Error:  # logged by the handle
-            if flow.out:
-                return result  # the status line went out with an earlier write(): too late for a 500
-            flow.failed = sys.exc_info()
-            _close(result)
-            return flow.commit_failed()
-        flow.forward()
-        return result
+    @staticmethod
+    def _commit_failed_now(result: Iterable[bytes], flow: Flow) -> Iterable[bytes]:
+        # Called in the except block of the failed commit: sys.exc_info() is its error.
+        if flow.out:
+            return result  # the status line went out with an earlier write(): too late for a 500
+        flow.failed = sys.exc_info()
+        _close(result)
+        return flow.commit_failed()
 
     def _replace(self, environ: WSGIEnvironment, result: Iterable[bytes], flow: Flow) -> Iterable[bytes]:
         # The app's response is not sent: its commit failed (in write()) or it
@@ -273,7 +295,7 @@ class PgPoolMiddleware:
             flow.finish(None, succeeded=False)
         if flow.failed is not None:
             return flow.commit_failed()
-        error = flow.pool_error()
+        error = flow.refused
         assert error is not None
         # exc_info: the server may have the app's earlier status line (not sent: no chunk went out).
         return self._refuse(environ, flow._start, error, flow.refusal or _exc_info(error))
@@ -286,7 +308,7 @@ class PgPoolMiddleware:
     def _pool_error_in_body(self, environ: WSGIEnvironment, flow: Flow, exc: PoolError) -> Iterable[bytes]:
         if not flow.out:
             # No chunk has gone out: the 503 replaces the response.
-            return self._refuse(environ, flow._start, exc, _exc_info(exc))
+            return self._refuse(environ, flow._start, exc, flow.refusal or _exc_info(exc))
         log.warning("%s: response cut short, %s", str(flow), exc)
         return []
 
