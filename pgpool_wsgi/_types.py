@@ -6,13 +6,11 @@ option table's (pgpool_wsgi/config.py); tests/test_typing.py keeps them equal.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection
-
-    from .pool import ConnectionPool
 
 
 class PoolKwargs(TypedDict, total=False):
@@ -40,18 +38,6 @@ class PoolOptions(PoolKwargs, total=False):
     """Every pool option, ``dsn`` included (a named pool's dict)."""
 
     dsn: str | None
-
-
-class MiddlewareKwargs(PoolOptions, total=False):
-    """``PgPoolMiddleware(app, pool=None, **options)``: pool and middleware options."""
-
-    transaction: Literal["manual", "commit", "autocommit"]
-    checkout: Literal["eager", "lazy"]
-    exclude_paths: Iterable[str]
-    stats_path: str | None
-    stats_allow: Iterable[str] | None
-    retry_after: int
-    pools: Mapping[str, ConnectionPool | PoolOptions] | None
 
 
 class PoolStats(TypedDict):

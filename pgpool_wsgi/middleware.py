@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import psycopg2
 
@@ -18,6 +18,7 @@ from ._concurrency import EagerGuard
 from ._paths import AddressList, PathRules, wsgi_path
 from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Flow, RequestHandle
 from ._text import for_log, request_line
+from ._types import PoolOptions
 from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
 from .pool import ConnectionPool
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from typing_extensions import Unpack
 
-    from ._types import MiddlewareKwargs
 
 __all__ = ["CONN_KEY", "HANDLE_KEY", "PgPoolMiddleware", "RequestHandle"]
 
@@ -42,6 +42,19 @@ def _plain(start_response: StartResponse, status: str,
     start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
                             ("Cache-Control", "no-store"), *(headers or [])])
     return [body]
+
+
+
+class MiddlewareKwargs(PoolOptions, total=False):
+    """``PgPoolMiddleware(app, pool=None, **options)``: pool and middleware options."""
+
+    transaction: Literal["manual", "commit", "autocommit"]
+    checkout: Literal["eager", "lazy"]
+    exclude_paths: Iterable[str]
+    stats_path: str | None
+    stats_allow: Iterable[str] | None
+    retry_after: int
+    pools: Mapping[str, ConnectionPool | PoolOptions] | None
 
 
 class _Throttle:

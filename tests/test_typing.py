@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pgpool_wsgi import config
-from pgpool_wsgi._types import MiddlewareKwargs, PoolKwargs, PoolOptions, PoolStats
+from pgpool_wsgi._types import PoolKwargs, PoolOptions, PoolStats
+from pgpool_wsgi.middleware import MiddlewareKwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 
