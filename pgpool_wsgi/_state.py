@@ -32,7 +32,7 @@ COUNTERS = ("checkouts", "timeouts", "shed", "unreachable", "connects", "connect
 class Slot:
     """One open connection and what the pool knows about it."""
 
-    __slots__ = ("conn", "encoding", "expires", "fd", "file_id", "good_until", "label", "last_used",
+    __slots__ = ("conn", "expires", "fd", "file_id", "good_until", "label", "last_used",
                  "leak_reported", "out_since", "plain", "session", "stack")
 
     def __init__(self, conn: Any, session: Any, expires: float, good_until: float, now: float) -> None:
@@ -40,7 +40,6 @@ class Slot:
         self.fd: int = conn.fileno()  # kept: a child releases it without asking psycopg2
         self.file_id = file_id(self.fd)  # ...and only if the number still refers to this socket
         self.session = session
-        self.encoding: str = conn.encoding  # psycopg2's codec when opened (after configure)
         # Its returns may take the fast path (no reset_sql, no primary-only check).
         self.plain = False
         self.expires = expires  # max_lifetime, jittered
