@@ -262,9 +262,9 @@ class ConnectionPool(_fork.Home):
                 state.connect_failed(checkout=True)
             raise
         try:
+            slot.out_since = slot.last_used  # out (ours) as soon as it is in the pool: an interrupt gives it back
             with state.lock:
                 state.opened(slot)
-                slot.out_since = slot.last_used  # ours from the same hold: an interrupt gives it back
         except BaseException:
             with state.lock:
                 registered = state.slots.get(slot.conn) is slot
