@@ -120,7 +120,9 @@ class State:
         self.mark = _forkmark.current()
         self.max_size = max_size
         self.min_size = min_size
-        self.lock = threading.Lock()
+        # Reentrant only for _is_owned(): the hot paths release it after an
+        # interrupt only if this thread holds it. No code path nests holds.
+        self.lock = threading.RLock()
         self.watcher = Watcher() if watch else None  # None with check = none
         self.slots: dict[Any, Slot] = {}  # conn -> slot (connections hash by identity)
         self.idle: list[Slot] = []  # a stack: the most recently used on top

@@ -129,22 +129,26 @@ class ConnectionPool(_fork.Home):
         if not state.mark[0]:  # made in another process (a fork), or unused: no system call here
             state = self._process_state()
         now = _now()
+        lock = state.lock
         slot = None
         try:
-            # `with`, not acquire(): CPython runs signal handlers (gunicorn's
-            # SystemExit on SIGABRT, KeyboardInterrupt) when a call returns,
-            # and one raised right after acquire() would leave the lock held.
-            with state.lock:
-                if state.idle and state.accepting:  # State.checkout's first branch, inlined: the hot path
-                    # Taken and marked out in one hold with no call in between (calls are
-                    # where handlers run): the slot is idle or ours, never neither.
-                    idle = state.idle
-                    slot = idle[-1]
-                    del idle[-1]
-                    slot.out_since = now
-                    state.checkouts += 1
-                else:  # the same hold as the idle check: no return can slip in between
-                    got = state.checkout(self.max_waiting)
+            # CPython runs signal handlers (gunicorn's SystemExit on SIGABRT,
+            # KeyboardInterrupt) when a call returns, so one can raise right
+            # after acquire() returned, before any statement of ours: the
+            # handler below releases the lock if this thread holds it (the
+            # state's lock is an RLock for _is_owned(); `with` would cost twice).
+            lock.acquire()
+            if state.idle and state.accepting:  # State.checkout's first branch, inlined: the hot path
+                # Taken and marked out in one hold with no call in between (calls are
+                # where handlers run): the slot is idle or ours, never neither.
+                idle = state.idle
+                slot = idle[-1]
+                del idle[-1]
+                slot.out_since = now
+                state.checkouts += 1
+            else:  # the same hold as the idle check: no return can slip in between
+                got = state.checkout(self.max_waiting)
+            lock.release()
             if slot is not None:
                 watcher = state.watcher
                 if watcher is None:
@@ -165,6 +169,8 @@ class ConnectionPool(_fork.Home):
             if now >= state.next_leak_scan:  # always, with leak_debug
                 _upkeep.on_checkout(self, state, slot, now)
         except BaseException:
+            if lock._is_owned():  # type: ignore[attr-defined]  # C RLock (and gevent's) have it
+                lock.release()
             if slot is not None:  # the checkout did not complete: its slot goes back
                 self._abandon(state, slot)
             raise
@@ -311,36 +317,35 @@ class ConnectionPool(_fork.Home):
                 now = _now()
                 # Held no longer than leak_timeout, so never reported as a leak.
                 if now < slot.expires and now - out_since <= self.leak_timeout:
+                    lock = state.lock
                     try:
-                        if self._park_fast(state, slot, now):
+                        lock.acquire()  # an interrupt from here on: see getconn
+                        # accepting is read under the lock: close() may have come meanwhile.
+                        if state.accepting:  # else closed, or a uWSGI master: the slow path closes it
+                            slot.last_used = now
+                            slot.label = None  # may hold a request's environ
+                            if self._idle_limited:  # else good_until stays at expires
+                                good_until = now + self._idle_limit
+                                slot.good_until = good_until if good_until < slot.expires else slot.expires
+                            if state.waiters:
+                                state.park(slot, now)
+                            else:  # State.park, inlined: the hot path
+                                slot.out_since = None
+                                state.idle.append(slot)
+                        lock.release()
+                        if slot.out_since is not out_since:  # parked, or given to a waiter
+                            if now >= state.next_upkeep:
+                                _upkeep.run(self, state, now, self._opener.open)
                             return
                     except BaseException:
+                        if lock._is_owned():  # type: ignore[attr-defined]  # C RLock (and gevent's) have it
+                            lock.release()
                         # Interrupted (a signal handler's exception): the connection is
                         # clean, so it goes back all the same if it has not already.
-                        if slot.out_since is out_since:  # not parked nor given on meanwhile
+                        if slot.out_since is out_since:  # neither parked nor given on meanwhile
                             self._abandon(state, slot)
                         raise
         self._give_back(conn, discard)
-
-    def _park_fast(self, state: State, slot: Slot, now: float) -> bool:
-        """putconn's fast path once the connection passed the test: park it; False if closed."""
-        with state.lock:  # `with`: released whatever a signal handler raises (see getconn)
-            # accepting is read under the lock: close() may have come meanwhile.
-            if not state.accepting:  # closed, or a uWSGI master: the slow path closes it
-                return False
-            slot.last_used = now
-            slot.label = None  # may hold a request's environ
-            if self._idle_limited:  # else good_until stays at expires
-                good_until = now + self._idle_limit
-                slot.good_until = good_until if good_until < slot.expires else slot.expires
-            if state.waiters:
-                state.park(slot, now)
-            else:  # State.park, inlined: the hot path
-                slot.out_since = None
-                state.idle.append(slot)
-        if now >= state.next_upkeep:
-            _upkeep.run(self, state, now, self._opener.open)
-        return True
 
     def _give_back(self, conn: Any, discard: bool) -> None:
         state = self._state
