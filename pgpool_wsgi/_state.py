@@ -9,7 +9,9 @@ what it does, run with ``state.lock`` held by the caller; none does I/O.
 The invariants they keep (``check_invariants`` asserts them):
 
 - ``reserved == len(slots) + connecting <= max_size``
-- ``idle`` is a subset of ``slots`` with no duplicates; an idle slot is not out
+- ``idle`` is a subset of ``slots`` with no duplicates; an idle slot is not out,
+  and a slot that is not idle is out (``out_since`` set in the same hold that
+  takes it from idle or registers it: an interrupt never leaves one neither)
 - a waiter is in line xor given something; nobody waits while a slot is idle
 - a closed state has no idle slot and no waiter
 """
@@ -301,12 +303,15 @@ class State:
         """Assert the invariants above (tests call it; takes the lock)."""
         with self.lock:
             idle_ids = [id(s) for s in self.idle]
+            idle_set = set(idle_ids)
             problems = [
                 (self.reserved == len(self.slots) + self.connecting, "reserved != slots + connecting"),
                 (self.connecting >= 0 and self.reserved <= self.max_size, "reserved out of range"),
                 (len(set(idle_ids)) == len(idle_ids), "a slot twice in idle"),
                 (all(self.slots.get(s.conn) is s and s.out_since is None for s in self.idle),
                  "an idle slot not in slots, or out"),
+                (all(s.out_since is not None for s in self.slots.values() if id(s) not in idle_set),
+                 "a slot neither idle nor out"),
                 (not (self.idle and self.waiters), "a waiter beside an idle slot"),
                 (not self.closed or not (self.idle or self.waiters), "a closed state keeps idle or waiters"),
             ]
