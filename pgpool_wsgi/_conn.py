@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import socket
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -50,6 +52,8 @@ class _SelectPoll:
 
 SNAPSHOT_TTL = 0.001  # seconds one look at all sockets serves checkouts
 
+_monotonic = time.monotonic
+
 
 class Watcher:
     """Which of a process's connections have input: one poll() over all of them.
@@ -58,18 +62,28 @@ class Watcher:
     sent a notification (fine) or a FATAL error and closed (dead); see
     :func:`examine`. One look serves every checkout for ``SNAPSHOT_TTL``
     seconds, so a busy process makes one system call (which also lets other
-    threads take the GIL) per millisecond, not one per checkout; a server
-    close is seen at most a millisecond late.
+    threads take the GIL) per millisecond, not one per checkout.
 
-    ``snapshot`` is ``(taken_at, ready_fds)``. A connection that was in use
-    when the look was taken may have had a reply in flight: the look says
-    nothing about it (it was alive when it came back, after the look).
+    ``snapshot`` is ``(fresh_until, ready_fds)``, published in one store
+    once poll() has returned, and stamped with the time the poll *started*:
+    a close that came before that time is in it. A checkout uses no snapshot
+    older than ``SNAPSHOT_TTL``; while another thread's look is under way it
+    waits for that one (a zero-timeout poll: short). So a server close is
+    seen at most ``SNAPSHOT_TTL`` late, for every connection, also one that
+    came back after the look.
+
+    Any watched socket the look saw readable is a suspect, whatever it did
+    since: a connection killed while it was out and returned since is no
+    exception. A socket that was readable only because a reply was in
+    flight (the connection was in use at look time) is a false suspect:
+    :func:`examine` polls it again first and keeps it, at the cost of one
+    cheap system call.
+
     add() and remove() are called under the pool lock; look() takes a lock
-    of its own and no pool lock, and a caller that finds another look under
-    way goes on with the last one.
+    of its own and never the pool lock.
     """
 
-    __slots__ = ("_lock", "_owners", "_poll", "fresh_until", "snapshot")
+    __slots__ = ("_lock", "_owners", "_poll", "snapshot")
 
     def __init__(self) -> None:
         self._poll = _poll() if _poll is not None else _SelectPoll()
@@ -78,8 +92,7 @@ class Watcher:
         # libpq closes the socket and the next connect may get the same
         # number: the broken connection's removal must not unwatch the new one.
         self._owners: dict[int, object] = {}
-        self.snapshot: tuple[float, frozenset[int]] = (0.0, frozenset())
-        self.fresh_until = 0.0
+        self.snapshot: tuple[float, frozenset[int]] = (0.0, frozenset())  # stale: the first checkout looks
 
     def add(self, fd: int, owner: object) -> None:
         self._owners[fd] = owner
@@ -94,19 +107,23 @@ class Watcher:
     def watched(self) -> set[int]:
         return set(self._owners)
 
-    def look(self, now: float, *, wait: bool = False) -> tuple[float, frozenset[int]]:
-        if self._lock.acquire(wait):
-            try:
-                self.fresh_until = now + SNAPSHOT_TTL
-                self.snapshot = (now, frozenset(fd for fd, _ in self._poll.poll(0)))
-            finally:
-                self._lock.release()
-        return self.snapshot
+    def look(self, now: float, *, force: bool = False) -> frozenset[int]:
+        """The ready descriptors, seen no earlier than ``now - SNAPSHOT_TTL``.
+
+        ``force``: poll again even if the last look is fresh.
+        """
+        with self._lock:  # another look under way: wait for it, then use it if it is fresh
+            fresh_until, ready = self.snapshot
+            if force or now >= fresh_until:
+                started = _monotonic()  # before the poll: a close after it may be missed, not one before
+                ready = frozenset(fd for fd, _ in self._poll.poll(0))
+                self.snapshot = (started + SNAPSHOT_TTL, ready)  # published only now, whole
+        return ready
 
     def suspects(self, slots: Iterable[Any]) -> list[Any]:
-        """Idle slots that the last look saw input on (slots have ``fd`` and ``last_used``)."""
-        taken_at, ready = self.snapshot
-        return [s for s in slots if s.last_used <= taken_at and s.fd in ready]
+        """The slots (with ``fd``) whose socket the last look saw readable."""
+        ready = self.snapshot[1]
+        return [s for s in slots if s.fd in ready]
 
 
 def _readable(fd: int) -> bool:
@@ -261,13 +278,16 @@ def untouched(conn: Any, session: Session) -> bool:
     False when reset() has something to do: a transaction (two-phase ones
     included: then psycopg2's status is not ready while the server's
     transaction status reads idle), changed characteristics or client
-    encoding, notices or notifications to forget, or a DSN that wants a
+    encoding (psycopg2's or the server's), notices or notifications to forget, or a DSN that wants a
     writable server (reset() reads the server's read-only report).
     """
     return (not conn.get_transaction_status() and conn.status == _READY and not session.primary_only
             and conn.autocommit is session.autocommit and conn.isolation_level == session.isolation_level
             and conn.readonly == session.readonly and conn.deferrable == session.deferrable
-            and not conn.notices and not conn.notifies and conn.encoding == session.encoding)
+            and not conn.notices and not conn.notifies
+            # The server's report: it changes with set_client_encoding() (which sends SET) and with a
+            # SET client_encoding run in SQL, which psycopg2's conn.encoding never sees.
+            and conn.get_parameter_status("client_encoding") == session.reported_encoding)
 
 
 _READY = ext.STATUS_READY
@@ -391,11 +411,18 @@ def drop_inherited(fd: int, ident: tuple[int, int] | None, *, held: bool) -> tup
     have closed the number and reused it for a file of its own.
 
     ``held``: the application may still hold the connection (it was checked
-    out at fork time). Its number is pointed at /dev/null and stays reserved,
-    so any use of it fails harmlessly instead of writing to a socket that
-    this process opens later under the same number; it is closed when the
-    connection is given back (pass the returned ident then). Otherwise the
-    number is closed at once. Returns what the number refers to afterwards.
+    out at fork time). Its number is pointed at a placeholder and stays
+    reserved, so any use of it fails harmlessly instead of writing to a
+    socket that this process opens later under the same number; it is closed
+    when the connection is given back (pass the returned ident then).
+    Otherwise the number is closed at once. Returns what the number refers to
+    afterwards.
+
+    The placeholder is one end of a fresh socket pair whose other end is
+    closed: reads see end of file and writes fail (EPIPE), like a dead
+    connection, and its identity is its own. (/dev/null's is shared by every
+    open of it: if the application closed the number and opened /dev/null
+    itself, the return would close the application's file.)
     """
     if fd < 0 or file_id(fd) != ident:
         return None
@@ -403,9 +430,10 @@ def drop_inherited(fd: int, ident: tuple[int, int] | None, *, held: bool) -> tup
         with contextlib.suppress(OSError):
             os.close(fd)
         return None
-    devnull = os.open(os.devnull, os.O_RDWR)
+    ours, other = socket.socketpair()
     try:
-        os.dup2(devnull, fd)
+        other.close()
+        os.dup2(ours.fileno(), fd)
     finally:
-        os.close(devnull)
+        ours.close()
     return file_id(fd)

@@ -88,7 +88,7 @@ class Home:
         entry = self._inherited.pop(id(conn), None)
         if entry is None or entry[0] is not conn:
             return False
-        if entry[2] is not None:  # still our /dev/null placeholder
+        if entry[2] is not None:  # the number still refers to our placeholder
             _conn.drop_inherited(entry[1], entry[2], held=False)
         return True
 

@@ -45,31 +45,20 @@ class Opener:
     def open(self, state: State) -> Slot:
         """Connect and configure (I/O, no lock); a failure of either backs off the next ones."""
         now = _now()
-        with state.lock:
-            # After a failed connect, one caller probes; the rest fail fast.
-            refused = bool(state.backoff) and (now < state.retry_at or state.probing)
+        probe = False
+        try:  # begun before the probing flag is set: the finally clears it whatever is raised
+            with state.lock:
+                # After a failed connect, one caller probes; the rest fail fast.
+                refused = bool(state.backoff) and (now < state.retry_at or state.probing)
+                if refused:
+                    state.unreachable += 1
+                else:
+                    probe = state.probing = bool(state.backoff)  # both stores, no call between
             if refused:
-                state.unreachable += 1
-            else:
-                probe = state.probing = bool(state.backoff)
-        if refused:
-            wait = max(state.retry_at - now, 0.0)
-            raise PoolError(f"{self.pool.name}: cannot reach {self.target.describe()} "
-                            f"(last connect failed; next attempt in {wait:.1f} s)")
-        try:
-            try:
-                conn = self.target.connect(state.pid)
-            except psycopg2.Error as exc:
-                self._failed(state, "cannot connect to", str(exc).strip())
-            try:
-                self._prepare(state, conn)
-            except Exception as exc:  # noqa: BLE001 - any configure failure is a failed connect
-                _conn.close(conn)
-                self._failed(state, "configure failed on a new connection to",
-                             f"{type(exc).__name__}: {str(exc).strip()}")
-            except BaseException:
-                _conn.close(conn)
-                raise
+                wait = max(state.retry_at - now, 0.0)
+                raise PoolError(f"{self.pool.name}: cannot reach {self.target.describe()} "
+                                f"(last connect failed; next attempt in {wait:.1f} s)")
+            conn = self._connect_and_prepare(state)
         finally:
             if probe:  # a connect begun before the backoff must not end someone else's probe
                 state.probing = False
@@ -81,6 +70,22 @@ class Opener:
         slot = Slot(conn, _conn.Session(conn), expires, min(expires, now + self.idle_limit), now)
         slot.plain = self.plain_reset and not getattr(slot.session, "primary_only", False)
         return slot
+
+    def _connect_and_prepare(self, state: State) -> Any:
+        try:
+            conn = self.target.connect(state.pid)
+        except psycopg2.Error as exc:
+            self._failed(state, "cannot connect to", str(exc).strip())
+        try:
+            self._prepare(state, conn)
+        except Exception as exc:  # noqa: BLE001 - any configure failure is a failed connect
+            _conn.close(conn)
+            self._failed(state, "configure failed on a new connection to",
+                         f"{type(exc).__name__}: {str(exc).strip()}")
+        except BaseException:
+            _conn.close(conn)
+            raise
+        return conn
 
     def _prepare(self, state: State, conn: Any) -> None:
         with state.lock:

@@ -9,7 +9,9 @@ what it does, run with ``state.lock`` held by the caller; none does I/O.
 The invariants they keep (``check_invariants`` asserts them):
 
 - ``reserved == len(slots) + connecting <= max_size``
-- ``idle`` is a subset of ``slots`` with no duplicates; an idle slot is not out
+- ``idle`` is a subset of ``slots`` with no duplicates; an idle slot is not out,
+  and a slot that is not idle is out (``out_since`` set in the same hold that
+  takes it from idle or registers it: an interrupt never leaves one neither)
 - a waiter is in line xor given something; nobody waits while a slot is idle
 - a closed state has no idle slot and no waiter
 """
@@ -32,7 +34,7 @@ COUNTERS = ("checkouts", "timeouts", "shed", "unreachable", "connects", "connect
 class Slot:
     """One open connection and what the pool knows about it."""
 
-    __slots__ = ("conn", "encoding", "expires", "fd", "file_id", "good_until", "label", "last_used",
+    __slots__ = ("conn", "expires", "fd", "file_id", "good_until", "label", "last_used",
                  "leak_reported", "out_since", "plain", "session", "stack")
 
     def __init__(self, conn: Any, session: Any, expires: float, good_until: float, now: float) -> None:
@@ -40,7 +42,6 @@ class Slot:
         self.fd: int = conn.fileno()  # kept: a child releases it without asking psycopg2
         self.file_id = file_id(self.fd)  # ...and only if the number still refers to this socket
         self.session = session
-        self.encoding: str = conn.encoding  # psycopg2's codec when opened (after configure)
         # Its returns may take the fast path (no reset_sql, no primary-only check).
         self.plain = False
         self.expires = expires  # max_lifetime, jittered
@@ -121,7 +122,9 @@ class State:
         self.mark = _forkmark.current()
         self.max_size = max_size
         self.min_size = min_size
-        self.lock = threading.Lock()
+        # Reentrant only for _is_owned(): the hot paths release it after an
+        # interrupt only if this thread holds it. No code path nests holds.
+        self.lock = threading.RLock()
         self.watcher = Watcher() if watch else None  # None with check = none
         self.slots: dict[Any, Slot] = {}  # conn -> slot (connections hash by identity)
         self.idle: list[Slot] = []  # a stack: the most recently used on top
@@ -300,12 +303,15 @@ class State:
         """Assert the invariants above (tests call it; takes the lock)."""
         with self.lock:
             idle_ids = [id(s) for s in self.idle]
+            idle_set = set(idle_ids)
             problems = [
                 (self.reserved == len(self.slots) + self.connecting, "reserved != slots + connecting"),
                 (self.connecting >= 0 and self.reserved <= self.max_size, "reserved out of range"),
                 (len(set(idle_ids)) == len(idle_ids), "a slot twice in idle"),
                 (all(self.slots.get(s.conn) is s and s.out_since is None for s in self.idle),
                  "an idle slot not in slots, or out"),
+                (all(s.out_since is not None for s in self.slots.values() if id(s) not in idle_set),
+                 "a slot neither idle nor out"),
                 (not (self.idle and self.waiters), "a waiter beside an idle slot"),
                 (not self.closed or not (self.idle or self.waiters), "a closed state keeps idle or waiters"),
             ]

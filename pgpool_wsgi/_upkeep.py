@@ -54,17 +54,22 @@ def top_up(pool: Settings, state: State, open_slot: Callable[[State], Slot]) -> 
 
     While below ``min_size`` the next return comes back here.
     """
-    with state.lock:
-        if state.filling or not state.accepting or state.backoff or state.reserved >= pool.min_size:
-            return
-        state.filling = True
-        state.reserve(checkout=False)
-    try:
+    filling = False
+    try:  # begun before the flag is set: whatever is raised after, the flag and the place are undone
+        with state.lock:
+            if state.filling or not state.accepting or state.backoff or state.reserved >= pool.min_size:
+                return
+            # reserve(checkout=False), inlined: no call (where a signal handler can
+            # raise) between taking the place and setting both flags.
+            state.reserved += 1
+            state.connecting += 1
+            state.filling = filling = True
         slot = open_slot(state)
     except BaseException as exc:
-        with state.lock:
-            state.connect_failed(checkout=False)
-            state.filling = False
+        if filling:
+            with state.lock:
+                state.connect_failed(checkout=False)
+                state.filling = False
         if isinstance(exc, Exception):
             return  # logged by the connect; the next return retries
         raise
@@ -129,15 +134,26 @@ def drop_dead_idle(pool: Settings, state: State) -> None:
     watcher = state.watcher
     if watcher is None:
         return
-    watcher.look(time.monotonic(), wait=True)
+    ready = watcher.look(time.monotonic(), force=True)
+    now = time.monotonic()
     with state.lock:
-        suspects = watcher.suspects(state.idle)
-    dead = [s for s in suspects if not _conn.examine(s.conn)]
-    if not dead:
-        return
-    with state.lock:
-        gone = state.take_idle(dead)
-        state.discarded += len(gone)
+        # The suspects leave idle while we examine them, marked out: a racing
+        # checkout can neither take one we poll nor be handed one we close.
+        suspects = [s for s in state.idle if s.fd in ready]
+        for slot in suspects:
+            state.idle.remove(slot)
+            slot.out_since = now
+    dead: list[Slot] = []
+    try:
+        dead.extend(s for s in suspects if not _conn.examine(s.conn))
+    finally:  # interrupted or not, each suspect goes back: idle (or to a waiter), or out
+        with state.lock:
+            gone = [s for s in dead if state.slots.get(s.conn) is s]
+            for slot in gone:
+                state.forget(slot)
+            state.discarded += len(gone)
+            closed = [s for s in suspects if s not in dead and not state.park(s, now)]
+        _conn.close_all(slot.conn for slot in closed)
     if gone:
         log.warning("%s: discarded %d more idle connection(s) closed by the server", pool.name, len(gone))
     _conn.close_all(slot.conn for slot in gone)

@@ -130,31 +130,64 @@ class ConnectionPool(_fork.Home):
             state = self._process_state()
         now = _now()
         lock = state.lock
-        lock.acquire()
-        if state.idle and state.accepting:  # State.checkout's first branch, inlined: the hot path
-            state.checkouts += 1
-            slot = state.idle.pop()
-            lock.release()
-            watcher = state.watcher
-            if watcher is None:
-                if now >= slot.good_until:
-                    slot = self._renew(state, slot, now)
-            else:
-                taken_at, ready = watcher.look(now) if now >= watcher.fresh_until else watcher.snapshot
-                if now >= slot.good_until or (slot.fd in ready and slot.last_used <= taken_at):
-                    slot = self._renew(state, slot, now)
-        else:
-            try:  # the same lock hold as the idle check: no return can slip in between
+        slot = None
+        try:
+            # CPython runs signal handlers (gunicorn's SystemExit on SIGABRT,
+            # KeyboardInterrupt) when a call returns, so one can raise right
+            # after acquire() returned, before any statement of ours: the
+            # handler below releases the lock if this thread holds it (the
+            # state's lock is an RLock for _is_owned(); `with` would cost twice).
+            lock.acquire()
+            if state.idle and state.accepting:  # State.checkout's first branch, inlined: the hot path
+                # Taken and marked out in one hold with no call in between (calls are
+                # where handlers run): the slot is idle or ours, never neither.
+                idle = state.idle
+                slot = idle[-1]
+                del idle[-1]
+                slot.out_since = now
+                state.checkouts += 1
+            else:  # the same hold as the idle check: no return can slip in between
                 got = state.checkout(self.max_waiting)
-            finally:
+            lock.release()
+            if slot is not None:
+                watcher = state.watcher
+                if watcher is None:
+                    if now >= slot.good_until:
+                        slot = self._renew(state, slot, now)
+                else:
+                    fresh_until, ready = watcher.snapshot
+                    if now >= fresh_until:
+                        ready = watcher.look(now)
+                    # Readable at the last look: a suspect, whenever it came back (see Watcher).
+                    if now >= slot.good_until or slot.fd in ready:
+                        slot = self._renew(state, slot, now)
+            else:
+                slot = self._acquire(state, got, self.timeout if timeout is None else timeout)
+                now = _now()
+                slot.out_since = now
+            slot.label = label
+            if now >= state.next_leak_scan:  # always, with leak_debug
+                _upkeep.on_checkout(self, state, slot, now)
+        except BaseException:
+            if lock._is_owned():  # type: ignore[attr-defined]  # C RLock (and gevent's) have it
                 lock.release()
-            slot = self._acquire(state, got, self.timeout if timeout is None else timeout)
-            now = _now()
-        slot.out_since = now
-        slot.label = label
-        if now >= state.next_leak_scan:  # always, with leak_debug
-            _upkeep.on_checkout(self, state, slot, now)
+            if slot is not None:  # the checkout did not complete: its slot goes back
+                self._abandon(state, slot)
+            raise
         return slot.conn  # type: ignore[no-any-return]  # Slot.conn is the driver object
+
+    def _abandon(self, state: State, slot: Slot) -> None:
+        """A checkout or return was interrupted holding a clean slot: to a waiter or idle.
+
+        Only if it is still ours: in the pool and neither idle nor given on
+        (a slot that failed its test was discarded already).
+        """
+        now = _now()
+        with state.lock:
+            ours = state.slots.get(slot.conn) is slot and slot.out_since is not None and slot not in state.idle
+            kept = state.park(slot, now) if ours else True
+        if not kept:
+            _conn.close(slot.conn)
 
     def _renew(self, state: State, slot: Slot, now: float) -> Slot:
         """An idle connection failed the fast test: keep it, or replace it (I/O, no lock)."""
@@ -234,14 +267,22 @@ class ConnectionPool(_fork.Home):
             with state.lock:
                 state.connect_failed(checkout=True)
             raise
-        with state.lock:
-            closed = state.closed
-            if closed:  # close() came while we connected: a closed pool hands out nothing
-                state.connect_failed(checkout=True)
-            else:
+        try:
+            slot.out_since = slot.last_used  # out (ours) as soon as it is in the pool: an interrupt gives it back
+            with state.lock:
                 state.opened(slot)
-        if closed:
-            _conn.close(slot.conn)
+        except BaseException:
+            with state.lock:
+                registered = state.slots.get(slot.conn) is slot
+                if not registered:
+                    state.connect_failed(checkout=True)
+            if registered:
+                self._abandon(state, slot)
+            else:
+                _conn.close(slot.conn)
+            raise
+        if state.closed:  # close() came while we connected: a closed pool hands out nothing
+            self._abandon(state, slot)  # park() finds the pool closed: forgets and closes it
             raise PoolClosed(f"{self.name}: the pool was closed while connecting")
         return slot
 
@@ -269,29 +310,41 @@ class ConnectionPool(_fork.Home):
                     and not conn.notices and not conn.notifies
                     and conn.autocommit is session.autocommit and conn.isolation_level == session.isolation_level
                     and conn.readonly == session.readonly and conn.deferrable == session.deferrable
-                    and conn.encoding == slot.encoding):  # the same test as _conn.untouched(), inlined
+                    and conn.get_parameter_status("client_encoding") == session.reported_encoding):
+                # The same test as _conn.untouched(), inlined. The server's
+                # client_encoding covers both set_client_encoding() (which
+                # sends SET) and a SET run in SQL, which psycopg2 never sees.
                 now = _now()
                 # Held no longer than leak_timeout, so never reported as a leak.
-                if now < slot.expires and now - out_since <= self.leak_timeout and state.lock.acquire(False):
-                    # accepting is read under the lock: close() may have come meanwhile.
-                    if not state.accepting:  # closed, or a uWSGI master: the slow path closes it
-                        state.lock.release()
-                        self._give_back(conn, discard)
-                        return
-                    slot.last_used = now
-                    slot.label = None  # may hold a request's environ
-                    if self._idle_limited:  # else good_until stays at expires
-                        good_until = now + self._idle_limit
-                        slot.good_until = good_until if good_until < slot.expires else slot.expires
-                    if state.waiters:
-                        state.park(slot, now)
-                    else:  # State.park, inlined: the hot path
-                        slot.out_since = None
-                        state.idle.append(slot)
-                    state.lock.release()
-                    if now >= state.next_upkeep:
-                        _upkeep.run(self, state, now, self._opener.open)
-                    return
+                if now < slot.expires and now - out_since <= self.leak_timeout:
+                    lock = state.lock
+                    try:
+                        lock.acquire()  # an interrupt from here on: see getconn
+                        # accepting is read under the lock: close() may have come meanwhile.
+                        if state.accepting:  # else closed, or a uWSGI master: the slow path closes it
+                            slot.last_used = now
+                            slot.label = None  # may hold a request's environ
+                            if self._idle_limited:  # else good_until stays at expires
+                                good_until = now + self._idle_limit
+                                slot.good_until = good_until if good_until < slot.expires else slot.expires
+                            if state.waiters:
+                                state.park(slot, now)
+                            else:  # State.park, inlined: the hot path
+                                slot.out_since = None
+                                state.idle.append(slot)
+                        lock.release()
+                        if slot.out_since is not out_since:  # parked, or given to a waiter
+                            if now >= state.next_upkeep:
+                                _upkeep.run(self, state, now, self._opener.open)
+                            return
+                    except BaseException:
+                        if lock._is_owned():  # type: ignore[attr-defined]  # C RLock (and gevent's) have it
+                            lock.release()
+                        # Interrupted (a signal handler's exception): the connection is
+                        # clean, so it goes back all the same if it has not already.
+                        if slot.out_since is out_since:  # neither parked nor given on meanwhile
+                            self._abandon(state, slot)
+                        raise
         self._give_back(conn, discard)
 
     def _give_back(self, conn: Any, discard: bool) -> None:

@@ -137,9 +137,9 @@ def test_one_failure_does_not_stop_releasing_the_others(monkeypatch):
         with pytest.raises(OSError, match="injected"):
             pool._forget(stale)
         assert len(calls) == 3 and stale.slots == {}
-        # The two released: the idle one closed, the lent one pointed at /dev/null.
+        # The two released: the idle one closed, the lent one pointed at a placeholder socket.
         assert not _open(pipes[1][0])
-        assert os.readlink(f"/proc/self/fd/{pipes[2][0]}") == os.devnull
+        assert os.readlink(f"/proc/self/fd/{pipes[2][0]}").startswith("socket:")
         assert len(pool._inherited) == 1
     finally:
         for read_end, write_end in pipes:
@@ -180,3 +180,54 @@ def test_a_number_reused_by_the_child_is_left_alone():
         for fd in (read_end, write_end, other_read, other_write):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def test_returning_a_lent_connection_never_closes_the_childs_own_file(make_pool):
+    """A connection out at fork time: the child uses it (fails), closes it, opens /dev/null
+    itself (same number), then gives the connection back. The child's file must survive."""
+    import os
+    import time
+
+    import psycopg2
+
+    pool = make_pool(max_size=2)
+    conn = pool.getconn()
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    conn.rollback()
+    fd = conn.fileno()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        try:
+            os.close(read_end)
+            with contextlib.suppress(psycopg2.Error), conn.cursor() as cur:
+                cur.execute("SELECT 1")  # on the placeholder: fails harmlessly
+            conn.close()  # frees the number
+            mine = open(os.devnull, "w")  # noqa: SIM115 - the child's own file, closed by _exit
+            same = mine.fileno() == fd
+            pool.putconn(conn)
+            mine.write("x")
+            mine.flush()
+            os.write(write_end, f"ok same_number={same}".encode())
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            os.write(write_end, f"error {exc!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        deadline = time.monotonic() + 30
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            assert time.monotonic() < deadline, "the child hangs"
+            time.sleep(0.01)
+        pid = 0
+        report = os.read(read_end, 4096).decode()
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(read_end)
+    assert report == "ok same_number=True", report
+    with conn.cursor() as cur:  # the parent's connection is untouched
+        cur.execute("SELECT 1")
+    pool.putconn(conn)

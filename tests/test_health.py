@@ -117,6 +117,82 @@ def test_terminated_idle_connections_never_reach_the_app(running, build):
     assert stats["discarded"] == 5 and stats["connects"] == 6
 
 
+def test_connection_killed_while_out_is_tested_after_a_fast_return(running, build):
+    # Killed while checked out, no query since: it comes back clean on the
+    # fast return path. The look taken while it was out saw its socket
+    # readable; the next checkout (within the millisecond that look serves)
+    # must test it, not take it on trust because it came back after the look.
+    pool = build(ConnectionPool, running.dsn(), max_size=2)
+    for _ in range(5):
+        a, b = pool.getconn(), pool.getconn()
+        victim = backend_of(a)
+        running.execute("SELECT pg_terminate_backend(%s)", (victim,))
+        deadline = time.monotonic() + 10
+        while victim in our_backends(running) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)  # the FATAL and the close reach a's socket
+        pool.putconn(b)
+        x = pool.getconn()  # b again: its checkout takes a fresh look, which sees a readable
+        pool.putconn(a)  # clean: the fast path, idle again
+        y = pool.getconn()
+        try:
+            assert backend_of(y) != victim  # tested and replaced, not handed out dead
+        finally:
+            pool.putconn(y)
+            pool.putconn(x)
+    pool.check_invariants()
+    assert pool.stats()["discarded"] == 5
+
+
+def test_a_checkout_waits_for_a_look_under_way_instead_of_using_an_old_one(running, build):
+    # Thread A's look is inside poll() (held there); thread B's checkout
+    # comes meanwhile. B must not use the snapshot from before the server
+    # closed the sessions, nor one whose freshness A claimed before polling.
+    pool = build(ConnectionPool, running.dsn(), max_size=2)
+    warm(pool, 2)
+    time.sleep(0.01)  # the last look is stale
+    terminate_ours(running)
+    watcher = pool._state.watcher
+    real = watcher._poll
+    results: list[object] = []
+
+    def b_checkout() -> None:
+        conn = pool.getconn(timeout=5)
+        try:
+            results.append(backend_of(conn))
+        except psycopg2.Error as exc:
+            results.append(exc)
+        finally:
+            pool.putconn(conn)
+
+    class HeldPoll:  # the first poll() waits (bounded) for B's checkout
+        calls = 0
+
+        def poll(self, timeout: int) -> Any:
+            HeldPoll.calls += 1
+            if HeldPoll.calls == 1:
+                b = threading.Thread(target=b_checkout)
+                b.start()
+                b.join(0.5)  # the old code let B finish here, with a dead connection
+            return real.poll(timeout)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    watcher._poll = HeldPoll()
+    try:
+        conn = pool.getconn(timeout=5)  # A
+        backend_of(conn)
+        pool.putconn(conn)
+        deadline = time.monotonic() + 10
+        while not results and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        watcher._poll = real
+    assert len(results) == 1 and isinstance(results[0], int), results
+    pool.check_invariants()
+
+
 def test_descriptor_reused_after_a_broken_connection_is_still_watched(running, build):
     # A backend dies mid-query: libpq closes the socket, and the next connect
     # gets the same descriptor number. Discarding the broken connection must

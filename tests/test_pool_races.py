@@ -6,6 +6,7 @@ point where the old code left a gap (a lock release, a reset, a wait).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 import threading
@@ -51,8 +52,8 @@ class GapLock:
         if gap is not None:
             gap()
 
-    def locked(self) -> bool:
-        return bool(self.real.locked())
+    def _is_owned(self) -> bool:
+        return bool(self.real._is_owned())
 
     __enter__ = acquire
 
@@ -398,3 +399,146 @@ def test_close_during_a_checkouts_connect_hands_out_nothing(make_pool, monkeypat
         pool.getconn()
     assert opened and opened[0].closed
     assert check(pool)["size"] == 0
+
+
+# -- exceptions raised by signal handlers on the hot paths ---------------------------------
+
+
+class Boom(BaseException):
+    """What a signal handler raises (gunicorn's SystemExit on SIGABRT, KeyboardInterrupt)."""
+
+
+class InterruptingLock(GapLock):
+    """A lock whose release raises Boom once ``when()`` holds: an exception delivered right after a hold."""
+
+    def __init__(self, real: Any, when: Any) -> None:
+        super().__init__(real)
+        self.when = when
+        self.fired = False
+
+    def release(self) -> None:
+        self.real.release()
+        if not self.fired and self.when():
+            self.fired = True
+            raise Boom
+
+
+def held(lock: Any) -> bool:
+    """Is the lock held, by this thread or another?"""
+    if lock._is_owned() or not lock.acquire(False):
+        return True
+    lock.release()
+    return False
+
+
+def test_signal_handler_exceptions_leave_no_lock_held_and_no_place_lost(make_pool):
+    import signal
+
+    pool = make_pool(max_size=3, timeout=1)
+    all_places_usable(pool)
+    state = pool._state
+    armed = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise Boom
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    booms = 0
+    problem = None
+    signal.setitimer(signal.ITIMER_REAL, 0.00037, 0.00037)
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and problem is None and booms < 3000:
+            conn = None
+            try:
+                armed[0] = True
+                conn = pool.getconn()
+                pool.putconn(conn)
+                armed[0] = False
+            except Boom:
+                booms += 1
+                armed[0] = False
+                if held(state.lock):
+                    problem = "the pool lock is left held"
+                elif conn is not None:
+                    with contextlib.suppress(PoolError):  # given back before the interrupt
+                        pool.putconn(conn)
+                orphans = [s for s in state.slots.values() if s.out_since is None and s not in state.idle]
+                if problem is None and orphans:
+                    problem = f"{len(orphans)} slot(s) neither idle nor out"
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+        while state.lock._is_owned():
+            state.lock.release()  # let the fixture close the pool
+    assert problem is None, f"{problem} (after {booms} interrupts)"
+    assert booms > 0
+    all_places_usable(pool)
+
+
+def test_interrupted_look_at_checkout_gives_the_slot_back(make_pool, monkeypatch):
+    pool = make_pool(max_size=1, timeout=1)
+    all_places_usable(pool)
+    time.sleep(0.01)  # the last look is stale: the checkout looks
+
+    def look(self: Any, now: float, **kwargs: Any) -> Any:
+        raise Boom
+
+    monkeypatch.setattr(_conn.Watcher, "look", look)
+    with pytest.raises(Boom):
+        pool.getconn()
+    monkeypatch.undo()
+    stats = check(pool)
+    assert stats["size"] == 1 and stats["idle"] == 1
+    all_places_usable(pool)
+
+
+def test_interrupt_after_a_connect_is_registered_gives_the_slot_back(make_pool, monkeypatch):
+    from pgpool_wsgi._state import State
+
+    pool = make_pool(max_size=1, timeout=1)
+    real = State.opened
+
+    def opened(self: State, slot: Any) -> None:
+        real(self, slot)
+        raise Boom  # as if delivered right after the call returned
+
+    monkeypatch.setattr(State, "opened", opened)
+    with pytest.raises(Boom):
+        pool.getconn()
+    monkeypatch.undo()
+    stats = check(pool)
+    assert stats["size"] == 1 and stats["idle"] == 1 and stats["in_use"] == 0
+    all_places_usable(pool)
+
+
+def test_interrupt_right_after_the_probe_flag_is_set_does_not_block_connects(pg, make_pool):
+    pool = make_pool(dsn=pg.dsn(port=1), max_size=2, timeout=1)  # nothing listens: connects fail
+    with pytest.raises(PoolError):
+        pool.getconn()
+    state = pool._state
+    time.sleep(0.15)  # past the first backoff: the next connect probes
+    pool._target = pool._opener.target = Target(pg.dsn(), {}, 5)  # the server is back
+    state.lock = InterruptingLock(state.lock, lambda: state.probing)
+    with pytest.raises(Boom):
+        pool.getconn()
+    assert state.lock.fired and not state.probing
+    conn = pool.getconn()  # not refused for good
+    pool.putconn(conn)
+    all_places_usable(pool)
+
+
+def test_interrupt_right_after_the_top_up_flag_is_set_loses_no_place(make_pool):
+    pool = make_pool(min_size=2, max_size=2, timeout=1)
+    conn = pool.getconn()
+    state = pool._state
+    state.lock = InterruptingLock(state.lock, lambda: state.filling)
+    with pytest.raises(Boom):
+        pool.putconn(conn)  # the top-up after the return is interrupted
+    assert state.lock.fired and not state.filling
+    check(pool)
+    all_places_usable(pool)
+    assert check(pool)["size"] == 2  # and top-ups still happen

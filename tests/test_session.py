@@ -294,6 +294,32 @@ def test_reset_restores_the_client_encoding(connect, change, reset_sql):
     assert cafe_round_trip(conn) == ("café", "café", 4)
 
 
+@pytest.mark.parametrize("transaction", ["autocommit", "commit"])
+def test_a_client_encoding_set_in_sql_is_undone_on_the_fast_return(mw, transaction):
+    """FAST-PATH. SET client_encoding in SQL changes the server only: psycopg2's conn.encoding
+    still reads UTF8, so only the server's report tells the return that reset() is needed."""
+    def latin1(conn: Any) -> Any:
+        run(conn, "SET client_encoding TO 'LATIN1'")
+        return conn.encoding
+
+    app = mw(Routes(latin1=latin1, cafe=lambda conn: (conn.get_parameter_status("client_encoding"),
+                                                      *cafe_round_trip(conn))),
+             transaction=transaction)
+    assert call(app, "/latin1") == ("200 OK", repr("UTF8").encode())
+    assert call(app, "/cafe") == ("200 OK", repr(("UTF8", "café", "café", 4)).encode())
+
+
+def test_untouched_sees_a_client_encoding_set_in_sql(connect):
+    conn = connect()
+    conn.autocommit = True
+    session = _conn.Session(conn)
+    assert _conn.untouched(conn, session)
+    run(conn, "SET client_encoding TO 'LATIN1'")
+    assert conn.encoding == "UTF8" and not _conn.untouched(conn, session)
+    assert _conn.reset(conn, session, None) is None
+    assert _conn.untouched(conn, session) and cafe_round_trip(conn) == ("café", "café", 4)
+
+
 def test_reset_restores_an_encoding_chosen_by_configure(connect):
     """configure chose LATIN1; DISCARD ALL puts the server back to UTF8 while psycopg2 stays LATIN1."""
     conn = connect()
