@@ -298,7 +298,10 @@ def test_max_lifetime_replaces_connections(running, build):
     for pid, first in first_seen.items():
         assert last_seen[pid] - first < 0.3 + 0.1  # never used past its lifetime (plus a request)
     stats = app.pool.stats()
-    assert stats["connects"] == len(first_seen) and stats["discarded"] == len(first_seen) - 1
+    # Each connection but the last was replaced; the last one too if its
+    # final return came after its lifetime (a busy machine stretches the loop).
+    assert stats["connects"] == len(first_seen)
+    assert stats["discarded"] in (len(first_seen) - 1, len(first_seen))
 
 
 def test_max_lifetime_enforced_on_return(running, build):
