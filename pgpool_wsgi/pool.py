@@ -141,6 +141,8 @@ class ConnectionPool(_fork.Home):
             if state.idle and state.accepting:  # State.checkout's first branch, inlined: the hot path
                 # Taken and marked out in one hold with no call in between (calls are
                 # where handlers run): the slot is idle or ours, never neither.
+                # No call between reading and removing it (a signal handler runs after a
+                # call; pop() would open that window), nor anything that allocates (GC).
                 idle = state.idle
                 slot = idle[-1]
                 del idle[-1]
@@ -310,18 +312,21 @@ class ConnectionPool(_fork.Home):
                     and not conn.notices and not conn.notifies
                     and conn.autocommit is session.autocommit and conn.isolation_level == session.isolation_level
                     and conn.readonly == session.readonly and conn.deferrable == session.deferrable
-                    and conn.get_parameter_status("client_encoding") == session.reported_encoding):
-                # The same test as _conn.untouched(), inlined. The server's
-                # client_encoding covers both set_client_encoding() (which
-                # sends SET) and a SET run in SQL, which psycopg2 never sees.
+                    and conn.encoding == session.encoding):
+                # The same test as _conn.untouched(), inlined (see there for
+                # a client_encoding SET in SQL).
                 now = _now()
                 # Held no longer than leak_timeout, so never reported as a leak.
                 if now < slot.expires and now - out_since <= self.leak_timeout:
                     lock = state.lock
+                    parked = False
                     try:
                         lock.acquire()  # an interrupt from here on: see getconn
-                        # accepting is read under the lock: close() may have come meanwhile.
-                        if state.accepting:  # else closed, or a uWSGI master: the slow path closes it
+                        # Under the lock: the pool still open (close() may have come
+                        # meanwhile) and the slot still out as we saw it (a second
+                        # putconn() of the same connection racing this one finds it
+                        # parked); else the slow path decides (and raises for the second).
+                        if state.accepting and slot.out_since is out_since:
                             slot.last_used = now
                             slot.label = None  # may hold a request's environ
                             if self._idle_limited:  # else good_until stays at expires
@@ -332,8 +337,9 @@ class ConnectionPool(_fork.Home):
                             else:  # State.park, inlined: the hot path
                                 slot.out_since = None
                                 state.idle.append(slot)
+                            parked = True
                         lock.release()
-                        if slot.out_since is not out_since:  # parked, or given to a waiter
+                        if parked:  # idle, or given to a waiter
                             if now >= state.next_upkeep:
                                 _upkeep.run(self, state, now, self._opener.open)
                             return
@@ -342,7 +348,7 @@ class ConnectionPool(_fork.Home):
                             lock.release()
                         # Interrupted (a signal handler's exception): the connection is
                         # clean, so it goes back all the same if it has not already.
-                        if slot.out_since is out_since:  # neither parked nor given on meanwhile
+                        if not parked and slot.out_since is out_since:  # neither parked nor given on
                             self._abandon(state, slot)
                         raise
         self._give_back(conn, discard)

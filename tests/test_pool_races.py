@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import pickle
+import sys
 import threading
 import time
 from typing import Any
@@ -542,3 +543,39 @@ def test_interrupt_right_after_the_top_up_flag_is_set_loses_no_place(make_pool):
     check(pool)
     all_places_usable(pool)
     assert check(pool)["size"] == 2  # and top-ups still happen
+
+
+def test_two_racing_returns_of_one_connection_park_it_once(make_pool):
+    """An application bug (the same connection returned twice at once) is answered with
+    PoolError for one of them; the connection is never parked twice (two holders later)."""
+    pool = make_pool(max_size=2, timeout=2)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(1500):
+            conn = pool.getconn()
+            barrier = threading.Barrier(2)
+            errors: list[PoolError] = []
+
+            def give_back(conn: Any = conn, barrier: threading.Barrier = barrier,
+                          errors: list[PoolError] = errors) -> None:
+                barrier.wait()
+                try:
+                    pool.putconn(conn)
+                except PoolError as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=give_back) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            assert not any(t.is_alive() for t in threads)
+            assert len(errors) == 1, "both returns were accepted"
+            pool._state.check_invariants()
+    finally:
+        sys.setswitchinterval(previous)
+    first, second = pool.getconn(), pool.getconn()
+    assert first is not second
+    pool.putconn(first)
+    pool.putconn(second)

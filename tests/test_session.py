@@ -295,27 +295,43 @@ def test_reset_restores_the_client_encoding(connect, change, reset_sql):
 
 
 @pytest.mark.parametrize("transaction", ["autocommit", "commit"])
-def test_a_client_encoding_set_in_sql_is_undone_on_the_fast_return(mw, transaction):
-    """FAST-PATH. SET client_encoding in SQL changes the server only: psycopg2's conn.encoding
-    still reads UTF8, so only the server's report tells the return that reset() is needed."""
+def test_a_client_encoding_set_in_sql_survives_like_any_set_until_a_reset(mw, transaction):
+    """A SET client_encoding run in SQL is a SET like any other (README): psycopg2's codec never
+    hears of it, the fast return does not look (it would cost ~300 ns a return), and reset_sql
+    undoes it. set_client_encoding(), the driver's own way, is always undone (tests above)."""
     def latin1(conn: Any) -> Any:
         run(conn, "SET client_encoding TO 'LATIN1'")
         return conn.encoding
 
-    app = mw(Routes(latin1=latin1, cafe=lambda conn: (conn.get_parameter_status("client_encoding"),
-                                                      *cafe_round_trip(conn))),
-             transaction=transaction)
-    assert call(app, "/latin1") == ("200 OK", repr("UTF8").encode())
-    assert call(app, "/cafe") == ("200 OK", repr(("UTF8", "café", "café", 4)).encode())
+    routes = Routes(latin1=latin1, enc=lambda conn: conn.get_parameter_status("client_encoding"),
+                    cafe=lambda conn: cafe_round_trip(conn))
+    plain = mw(routes, transaction=transaction)
+    assert call(plain, "/latin1") == ("200 OK", repr("UTF8").encode())
+    assert call(plain, "/enc") == ("200 OK", repr("LATIN1").encode())  # documented: it survives
+    reset = mw(routes, transaction=transaction, reset_sql="DISCARD ALL")
+    assert call(reset, "/latin1") == ("200 OK", repr("UTF8").encode())
+    assert call(reset, "/cafe") == ("200 OK", repr(("café", "café", 4)).encode())
 
 
-def test_untouched_sees_a_client_encoding_set_in_sql(connect):
+def test_reset_undoes_a_client_encoding_set_in_sql(connect):
+    conn = connect()
+    conn.autocommit = True
+    session = _conn.Session(conn)
+    run(conn, "SET client_encoding TO 'LATIN1'")
+    assert conn.encoding == "UTF8"
+    assert _conn.reset(conn, session, None) is None
+    assert conn.get_parameter_status("client_encoding") == "UTF8" and cafe_round_trip(conn) == ("café", "café", 4)
+
+
+def test_untouched_sees_psycopg2s_own_encoding_even_when_the_server_was_set_back(connect):
+    """set_client_encoding('LATIN1') then SET back to UTF8 in SQL: the codec still differs."""
     conn = connect()
     conn.autocommit = True
     session = _conn.Session(conn)
     assert _conn.untouched(conn, session)
-    run(conn, "SET client_encoding TO 'LATIN1'")
-    assert conn.encoding == "UTF8" and not _conn.untouched(conn, session)
+    conn.set_client_encoding("LATIN1")
+    run(conn, "SET client_encoding TO 'UTF8'")
+    assert conn.encoding == "LATIN1" and not _conn.untouched(conn, session)
     assert _conn.reset(conn, session, None) is None
     assert _conn.untouched(conn, session) and cafe_round_trip(conn) == ("café", "café", 4)
 
