@@ -181,6 +181,11 @@ class State:
             self.shed += 1
             return SHED
         waiter = Waiter()
+        if self.idle and self.accepting:
+            # Allocating may run the cyclic GC, and a finaliser that returns a
+            # connection gets in (the lock is reentrant): never queue beside it.
+            self.checkouts += 1
+            return self.idle.pop()
         self.waiters.append(waiter)  # in line, not given
         return waiter
 

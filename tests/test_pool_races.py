@@ -579,3 +579,31 @@ def test_two_racing_returns_of_one_connection_park_it_once(make_pool):
     assert first is not second
     pool.putconn(first)
     pool.putconn(second)
+
+
+def test_a_finaliser_returning_a_connection_mid_checkout_is_not_queued_beside(make_pool):
+    """A wrapper in a reference cycle returns its connection from __del__; the cyclic GC runs
+    it on an allocation inside the checkout's lock hold. The checkout must take that
+    connection, not queue behind it until PoolTimeout."""
+    import gc
+
+    pool = make_pool(max_size=1, timeout=1.5)
+
+    class Handle:  # an application's "give it back when dropped" wrapper
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+            self.me = self  # a cycle: only the collector frees it
+
+        def __del__(self) -> None:
+            pool.putconn(self.conn)
+
+    Handle(pool.getconn())  # garbage now; the pool is exhausted
+    old = gc.get_threshold()
+    gc.set_threshold(1)  # the next tracked allocation runs a collection
+    try:
+        conn = pool.getconn()
+    finally:
+        gc.set_threshold(*old)
+    pool._state.check_invariants()
+    pool.putconn(conn)
+    assert pool.stats()["timeouts"] == 0
