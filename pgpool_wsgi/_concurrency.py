@@ -23,26 +23,15 @@ from __future__ import annotations
 
 import io
 import logging
-import signal
 import sys
 import threading
 from typing import Any
 
+from ._deploy import gunicorn_owner
+
 log = logging.getLogger("pgpool_wsgi")
 
 BODY_LIMIT = 64 * 1024  # bytes read before the checkout; larger bodies stream to the app as they come
-
-
-def _gunicorn_worker() -> Any:
-    # gunicorn's worker installs bound methods of itself as signal handlers.
-    if "gunicorn" not in sys.modules:
-        return None
-    try:
-        handler = signal.getsignal(signal.SIGTERM)
-    except (ValueError, OSError):
-        return None
-    owner = getattr(handler, "__self__", None)
-    return owner if type(owner).__module__.startswith("gunicorn.workers") else None
 
 
 def worker_concurrency() -> tuple[str, int] | None:
@@ -50,7 +39,7 @@ def worker_concurrency() -> tuple[str, int] | None:
     uwsgi = sys.modules.get("uwsgi")
     if uwsgi is not None and isinstance(getattr(uwsgi, "cores", None), int):
         return "uWSGI threads/async cores", int(uwsgi.cores)
-    worker = _gunicorn_worker()
+    worker = gunicorn_owner("gunicorn.workers")
     if worker is not None:
         cfg = getattr(worker, "cfg", None)
         kinds = {cls.__name__ for cls in type(worker).__mro__}

@@ -27,7 +27,8 @@ def in_uwsgi_master() -> bool:
         return False
 
 
-def _gunicorn_owner() -> Any:
+def gunicorn_owner(module_prefix: str = "gunicorn.") -> Any:
+    """gunicorn's arbiter or worker: each installs bound methods of itself as signal handlers."""
     if "gunicorn" not in sys.modules:
         return None
     try:
@@ -35,7 +36,7 @@ def _gunicorn_owner() -> Any:
     except (ValueError, OSError):
         return None
     owner = getattr(handler, "__self__", None)
-    return owner if type(owner).__module__.startswith("gunicorn.") else None
+    return owner if type(owner).__module__.startswith(module_prefix) else None
 
 
 def worker_processes() -> tuple[str, int] | None:
@@ -43,7 +44,7 @@ def worker_processes() -> tuple[str, int] | None:
     uwsgi = sys.modules.get("uwsgi")
     if uwsgi is not None and isinstance(getattr(uwsgi, "numproc", None), int):
         return "uWSGI", int(uwsgi.numproc)
-    owner = _gunicorn_owner()
+    owner = gunicorn_owner()
     if owner is not None:
         workers = getattr(owner, "num_workers", None) or getattr(getattr(owner, "cfg", None), "workers", None)
         if isinstance(workers, int):
@@ -59,6 +60,6 @@ def is_first_process() -> bool:
             return int(uwsgi.worker_id()) == 1
         except (AttributeError, TypeError, ValueError):
             return True
-    owner = _gunicorn_owner()
+    owner = gunicorn_owner()
     age = getattr(owner, "age", None)
     return not isinstance(age, int) or age <= 1

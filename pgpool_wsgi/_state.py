@@ -19,13 +19,13 @@ The invariants they keep (``check_invariants`` asserts them):
 from __future__ import annotations
 
 import collections
-import math
 import threading
 from typing import Any
 
 from . import _forkmark
 from ._conn import Watcher, file_id
 from ._deploy import in_uwsgi_master
+from ._throttle import Throttle
 
 COUNTERS = ("checkouts", "timeouts", "shed", "unreachable", "connects", "connect_errors", "discarded",
             "fork_resets", "leaks")
@@ -79,28 +79,6 @@ class Waiter:
 CONNECT = "connect"  # a place: open a connection yourself
 CLOSED = "closed"  # the pool is (or was, while you waited) closed
 SHED = "shed"  # max_waiting checkouts are already waiting
-
-
-class Throttle:
-    """At most ``burst`` lines per ``window`` seconds; the next line says how many were not logged."""
-
-    __slots__ = ("burst", "count", "skipped", "window", "window_start")
-
-    def __init__(self, burst: int = 5, window: float = 10.0) -> None:
-        self.burst, self.window = burst, window
-        self.window_start = -math.inf
-        self.count = self.skipped = 0
-
-    def allow(self, now: float) -> tuple[bool, int]:
-        """(log this line?, lines skipped before it). Races only miscount a line."""
-        if now - self.window_start >= self.window:
-            self.window_start, self.count = now, 0
-        if self.count >= self.burst:
-            self.skipped += 1
-            return False, 0
-        self.count += 1
-        skipped, self.skipped = self.skipped, 0
-        return True, skipped
 
 
 class State:

@@ -18,6 +18,7 @@ from ._concurrency import EagerGuard
 from ._paths import AddressList, PathRules, wsgi_path
 from ._request import ACTIVE, CONN_KEY, HANDLE_KEY, Flow, RequestHandle
 from ._text import for_log, request_line
+from ._throttle import Throttle
 from ._types import PoolOptions
 from .config import POOL_OPTIONS, validate
 from .errors import ConfigError, PoolError
@@ -55,36 +56,6 @@ class MiddlewareKwargs(PoolOptions, total=False):
     stats_allow: Iterable[str] | None
     retry_after: int
     pools: Mapping[str, ConnectionPool | PoolOptions] | None
-
-
-class _Throttle:
-    """At most ``burst`` log lines per ``window`` seconds; counts the rest.
-
-    An outage turns every request into a 503: one line each would bury the
-    log. Unlocked: under threads a count may be off by one, nothing worse.
-    """
-
-    __slots__ = ("_burst", "_skipped", "_used", "_window", "_window_end")
-
-    def __init__(self, burst: int = 5, window: float = 10.0) -> None:
-        self._burst = burst
-        self._window = window
-        self._window_end = 0.0
-        self._used = 0
-        self._skipped = 0
-
-    def allow(self) -> tuple[bool, int]:
-        """(log this one?, how many were skipped since the last logged one)."""
-        now = time.monotonic()
-        if now >= self._window_end:
-            self._window_end = now + self._window
-            self._used = 0
-        if self._used >= self._burst:
-            self._skipped += 1
-            return False, 0
-        self._used += 1
-        skipped, self._skipped = self._skipped, 0
-        return True, skipped
 
 
 def _autocommit_first(configure: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
@@ -180,7 +151,7 @@ class PgPoolMiddleware:
         self._mode_warned = False
         self._before_checkout = EagerGuard(self.pool.name, self.pool.max_size)
         self._named_keys = [(f"pgpool.{name}", p) for name, p in named.items()]
-        self._throttle = _Throttle()
+        self._throttle = Throttle()  # the 503 warnings: at most 5 per 10 s per worker
 
     _refusals: list[Any] | None = None  # [pid, 503s answered, lock]: see refused()
 
@@ -343,7 +314,7 @@ class PgPoolMiddleware:
 
     def _unavailable(self, environ: WSGIEnvironment, start_response: StartResponse, exc: PoolError,
                      exc_info: OptExcInfo | None) -> Iterable[bytes]:
-        allowed, skipped = self._throttle.allow()
+        allowed, skipped = self._throttle.allow(time.monotonic())
         if allowed:
             more = f" ({skipped} more 503s not logged)" if skipped else ""
             # One line: the request is escaped and capped, libpq's multi-line message joined.
