@@ -1,7 +1,8 @@
 """Fork handling: each process gets its own pool state; inherited sockets are released.
 
-The mechanism is the pid comparison on checkout and return (see pool.py):
-uWSGI forks in C and never runs Python's at-fork hooks. The hooks below are
+The mechanism is the fork mark checked on checkout and return (see
+_forkmark.py and pool.py; the pid where the kernel refuses the mark): uWSGI
+forks in C and never runs Python's at-fork hooks. The hooks below are
 an accelerator where they do run (gunicorn, multiprocessing): the parent
 closes its idle connections before the fork, and the child releases the
 inherited sockets at once.

@@ -68,7 +68,7 @@ class Opener:
         now = _now()
         expires = now + self.max_lifetime * (1 - random.random() * _LIFETIME_JITTER)
         slot = Slot(conn, _conn.Session(conn), expires, min(expires, now + self.idle_limit), now)
-        slot.plain = self.plain_reset and not getattr(slot.session, "primary_only", False)
+        slot.plain = self.plain_reset and not slot.session.primary_only
         return slot
 
     def _connect_and_prepare(self, state: State) -> Any:

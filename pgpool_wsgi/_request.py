@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import psycopg2
 
+from ._conn import is_broken_error
 from ._text import request_line
 from .errors import PoolError
 from .pool import ConnectionPool
@@ -41,15 +42,6 @@ COMMIT_FAILED_HEADERS = [("Content-Type", "text/plain; charset=utf-8"),
 # handles in it are ignored.
 # The value is the innermost request's Flow; Flow.find() walks out through its parents.
 ACTIVE: contextvars.ContextVar[Flow | None] = contextvars.ContextVar("pgpool_wsgi.active", default=None)
-
-
-def interrupted(exc: BaseException | None) -> bool:
-    """Was a query perhaps cut off mid-way (gevent Timeout, GreenletExit, KeyboardInterrupt)?
-
-    Only such exceptions make a connection suspect by themselves; anything
-    else is judged from the connection's own state when the pool resets it.
-    """
-    return exc is not None and not isinstance(exc, Exception)
 
 
 class RequestHandle:
@@ -200,9 +192,9 @@ class RequestHandle:
                 conn.commit()
             except BaseException as err:
                 log.exception("%s: commit failed", str(self))
-                self._pool.putconn(conn, discard=interrupted(err))
+                self._pool.putconn(conn, discard=is_broken_error(err))
                 raise
-        self._pool.putconn(conn, discard=exc is not None and interrupted(exc))
+        self._pool.putconn(conn, discard=exc is not None and is_broken_error(exc))
 
 
 class Flow:

@@ -100,8 +100,10 @@ class State:
         self.mark = _forkmark.current()
         self.max_size = max_size
         self.min_size = min_size
-        # Reentrant only for _is_owned(): the hot paths release it after an
-        # interrupt only if this thread holds it. No code path nests holds.
+        # Reentrant: the hot paths release it after an interrupt only if this
+        # thread holds it (_is_owned()), and a finaliser the cyclic GC runs
+        # inside a hold may return a connection (see checkout). Our own code
+        # never nests holds.
         self.lock = threading.RLock()
         self.watcher = Watcher() if watch else None  # None with check = none
         self.slots: dict[Any, Slot] = {}  # conn -> slot (connections hash by identity)
@@ -148,6 +150,9 @@ class State:
         """
         if self.closed:
             return CLOSED
+        # Allocated before idle is looked at: allocating may run the cyclic GC,
+        # whose finaliser may return a connection here (the lock is reentrant).
+        waiter = Waiter()
         if self.idle and self.accepting:
             self.checkouts += 1
             return self.idle.pop()
@@ -158,12 +163,6 @@ class State:
             self.timeouts += 1
             self.shed += 1
             return SHED
-        waiter = Waiter()
-        if self.idle and self.accepting:
-            # Allocating may run the cyclic GC, and a finaliser that returns a
-            # connection gets in (the lock is reentrant): never queue beside it.
-            self.checkouts += 1
-            return self.idle.pop()
         self.waiters.append(waiter)  # in line, not given
         return waiter
 
@@ -285,12 +284,11 @@ class State:
     def check_invariants(self) -> None:
         """Assert the invariants above (tests call it; takes the lock)."""
         with self.lock:
-            idle_ids = [id(s) for s in self.idle]
-            idle_set = set(idle_ids)
+            idle_set = {id(s) for s in self.idle}
             problems = [
                 (self.reserved == len(self.slots) + self.connecting, "reserved != slots + connecting"),
                 (self.connecting >= 0 and self.reserved <= self.max_size, "reserved out of range"),
-                (len(set(idle_ids)) == len(idle_ids), "a slot twice in idle"),
+                (len(idle_set) == len(self.idle), "a slot twice in idle"),
                 (all(self.slots.get(s.conn) is s and s.out_since is None for s in self.idle),
                  "an idle slot not in slots, or out"),
                 (all(s.out_since is not None for s in self.slots.values() if id(s) not in idle_set),

@@ -13,7 +13,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from . import _conn, _deploy
 from ._state import Slot, State
@@ -32,10 +32,6 @@ class Settings(Protocol):
     max_idle: float
     leak_timeout: float
     leak_debug: bool
-
-
-if TYPE_CHECKING:
-    ConnectionPool = Settings  # check_capacity's annotation
 
 
 def run(pool: Settings, state: State, now: float, open_slot: Callable[[State], Slot]) -> None:
@@ -97,7 +93,7 @@ _CAPACITY_SQL = (
 )
 
 
-def check_capacity(pool: ConnectionPool, conn: Any) -> None:
+def check_capacity(pool: Settings, conn: Any) -> None:
     """After a process's first connect: can the server take all our processes' connections?
 
     Warns once (from the first worker) when processes x max_size exceeds

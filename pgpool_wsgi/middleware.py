@@ -45,7 +45,6 @@ def _plain(start_response: StartResponse, status: str,
     return [body]
 
 
-
 class MiddlewareKwargs(PoolOptions, total=False):
     """``PgPoolMiddleware(app, pool=None, **options)``: pool and middleware options."""
 

@@ -3,8 +3,8 @@
 The pool knows nothing of WSGI. Each process that uses it gets its own
 :class:`~pgpool_wsgi._state.State`; a connection is only ever used by the
 process that opened it, and a child drops what it inherited without sending
-a byte on those sockets. Checkout and return have a short fast path (pid
-check, one lock round, a few attribute reads); everything else, including all
+a byte on those sockets. Checkout and return have a short fast path (the
+fork mark's byte, one lock round, a few attribute reads); everything else, including all
 network I/O, happens outside the lock on slower paths.
 """
 
@@ -139,10 +139,9 @@ class ConnectionPool(_fork.Home):
             # state's lock is an RLock for _is_owned(); `with` would cost twice).
             lock.acquire()
             if state.idle and state.accepting:  # State.checkout's first branch, inlined: the hot path
-                # Taken and marked out in one hold with no call in between (calls are
-                # where handlers run): the slot is idle or ours, never neither.
-                # No call between reading and removing it (a signal handler runs after a
-                # call; pop() would open that window), nor anything that allocates (GC).
+                # Taken and marked out in one hold with no call in between (a signal
+                # handler runs after a call: pop() would open that window) and no
+                # allocation (the GC): the slot is idle or ours, never neither.
                 idle = state.idle
                 slot = idle[-1]
                 del idle[-1]
